@@ -1,0 +1,142 @@
+"""Input validation shared by the fused ops and the reference.
+
+Every rejection is a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
+device) that names the argument and what was expected, raised before any kernel is launched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_float_tensor(name: str, x: object, kernel_path: bool) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if kernel_path and x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; the fused kernels take float16, bfloat16 or float32 "
+            "(float64 is accepted only by fused_gate.reference)"
+        )
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on the same device"
+            )
+
+
+def _check_h(h: object, kernel_path: bool) -> tuple[int, int, int]:
+    _check_float_tensor("h", h, kernel_path)
+    if h.dim() != 3:
+        raise ValueError(f"h must be 3-D [B, E, D] (rows, experts, dim), got shape {tuple(h.shape)}")
+    batch, experts, dim = h.shape
+    if experts < 1 or dim < 1:
+        raise ValueError(f"h [B, E, D] needs E >= 1 and D >= 1, got shape {tuple(h.shape)}")
+    if kernel_path and experts > MAX_EXPERTS:
+        raise ValueError(f"h has E = {experts} experts; the fused kernels support E <= {MAX_EXPERTS}")
+    return batch, experts, dim
+
+
+def _check_tasks(tasks: int, kernel_path: bool, what: str) -> None:
+    if tasks < 1:
+        raise ValueError(f"{what} needs at least one task (T >= 1)")
+    if kernel_path and tasks > MAX_TASKS:
+        raise ValueError(f"{what} has T = {tasks} tasks; the fused kernels support T <= {MAX_TASKS}")
+
+
+def _check_mask(mask: object, batch: int, tasks: int, experts: int) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) not in ((tasks, experts), (batch, tasks, experts)):
+        raise ValueError(
+            f"mask must have shape [T, E] = {[tasks, experts]} or [B, T, E] = "
+            f"{[batch, tasks, experts]}, got {list(mask.shape)}"
+        )
+
+
+def _check_top_k(top_k: object, experts: int) -> None:
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k must be in 1..E = 1..{experts}, got {top_k}")
+
+
+def _check_positive_float(name: str, value: object, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+
+
+def check_attention_mix(
+    h: object, context: object, scale: object, mask: object, top_k: object, *, kernel_path: bool
+) -> tuple[int, int, int, int]:
+    """Validate ``attention_mix`` inputs; returns ``(B, E, D, T)``."""
+    batch, experts, dim = _check_h(h, kernel_path)
+    _check_float_tensor("context", context, kernel_path)
+    if context.dim() == 2:
+        tasks, cdim = context.shape
+    elif context.dim() == 3:
+        cbatch, tasks, cdim = context.shape
+        if cbatch != batch:
+            raise ValueError(
+                f"context [B, T, D] has B = {cbatch} rows but h has B = {batch}; "
+                "a per-row context needs one row per row of h"
+            )
+    else:
+        raise ValueError(
+            f"context must be [T, D] (one vector per task) or [B, T, D] (per row), "
+            f"got shape {tuple(context.shape)}"
+        )
+    if cdim != dim:
+        raise ValueError(f"context has D = {cdim} but h has D = {dim} (h [B, E, D], context [T, D])")
+    _check_tasks(tasks, kernel_path, "context")
+    _check_positive_float("scale", scale, allow_none=True)
+    _check_mask(mask, batch, tasks, experts)
+    _check_top_k(top_k, experts)
+    _check_same_device(h=h, context=context, mask=mask)
+    return batch, experts, dim, tasks
+
+
+def check_softmax_mix(
+    logits: object, h: object, temperature: object, mask: object, top_k: object, *, kernel_path: bool
+) -> tuple[int, int, int, int]:
+    """Validate ``softmax_mix`` inputs; returns ``(B, E, D, T)``."""
+    batch, experts, dim = _check_h(h, kernel_path)
+    _check_float_tensor("logits", logits, kernel_path)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D [B, T, E], got shape {tuple(logits.shape)}")
+    lbatch, tasks, lexperts = logits.shape
+    if lbatch != batch or lexperts != experts:
+        raise ValueError(
+            f"logits must be [B, T, E] with B = {batch} and E = {experts} from h [B, E, D], "
+            f"got shape {tuple(logits.shape)}"
+        )
+    _check_tasks(tasks, kernel_path, "logits")
+    _check_positive_float("temperature", temperature, allow_none=False)
+    _check_mask(mask, batch, tasks, experts)
+    _check_top_k(top_k, experts)
+    _check_same_device(logits=logits, h=h, mask=mask)
+    return batch, experts, dim, tasks

@@ -1,0 +1,217 @@
+"""Backward of the fused gate: recompute ``p`` from the inputs, then ``dH`` and ``dC`` (or ``dZ``).
+
+For the upstream gradient ``G = dL/dY [B, T, D]`` (and optionally ``Gp = dL/dp [B, T, E]``)::
+
+    dp[b,t,e] = <G[b,t], H[b,e]> (+ Gp[b,t,e])
+    ds[b,t,e] = p[b,t,e] * (dp[b,t,e] - sum_e' p[b,t,e'] dp[b,t,e'])      (= dp - <G, Y>)
+    dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]     (C term: ATTENTION only)
+    dC[t]     = scale * sum_b sum_e ds[b,t,e] H[b,e]                       (no sum over b: per-row C)
+    dZ[b,t,e] = scale * ds[b,t,e]                                          (softmax gate, scale = 1/temperature)
+
+Nothing is saved by the forward: ``p`` is recomputed from ``H`` and ``C`` (or ``Z``). A shared ``C``
+is reduced deterministically: a persistent grid where each program accumulates its rows into its
+own float32 ``[T, D]`` workspace slot, then ``context_grad_reduce_kernel`` sums the slots in a
+fixed order. No float atomics: two runs give bit-identical gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fused_gate.kernels.config import REDUCE_BLOCK, max_persistent_programs, tile_config
+from fused_gate.kernels.gate_tile import (
+    add_task_dots,
+    gate_weights,
+    load_expert_tile,
+    load_gate_tile,
+    load_task_vector,
+    store_expert_tile,
+    store_gate_tile,
+    store_task_vector,
+    task_row,
+)
+
+
+@triton.jit
+def _score_and_grad_dots(s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
+                         stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                         ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr, NUM_TASKS: tl.constexpr):
+    """Over one D chunk: ``s += <C[t], H[e]>`` (ATTENTION) and ``dp += <G[t], H[e]>`` for every task."""
+    for t in tl.static_range(NUM_TASKS):
+        if ATTENTION:
+            c = load_task_vector(q_ptr, rows, t, offs_d, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT)
+            s = add_task_dots(s, tile, c, t, offs_t)
+        g = load_task_vector(g_ptr, rows, t, offs_d, B, D, stride_gb, stride_gt, stride_gd, True)
+        dp = add_task_dots(dp, tile, g, t, offs_t)
+    return s, dp
+
+
+@triton.jit
+def _input_grads_chunk(tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, block, pid,
+                       q_ptr, g_ptr, dh_ptr, dq_ptr, ws_ptr, B, E, D, scale,
+                       stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                       stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                       ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr, NUM_TASKS: tl.constexpr,
+                       SINGLE_CHUNK: tl.constexpr):
+    """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination."""
+    dh = tl.zeros_like(tile)
+    for t in tl.static_range(NUM_TASKS):
+        g = load_task_vector(g_ptr, rows, t, offs_d, B, D, stride_gb, stride_gt, stride_gd, True)
+        dh += task_row(p, t, offs_t)[:, :, None] * g
+        if ATTENTION:
+            ds_t = task_row(ds, t, offs_t)[:, :, None]
+            c = load_task_vector(q_ptr, rows, t, offs_d, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT)
+            dh += scale * ds_t * c
+            dc = scale * tl.sum(ds_t * tile, axis=1)
+            if PER_ROW_CONTEXT:
+                store_task_vector(dq_ptr, dc, rows, t, offs_d, B, D, stride_dqb, stride_dqt)
+            elif SINGLE_CHUNK:
+                dc_acc = tl.where((offs_t == t)[:, None], dc_acc + tl.sum(dc, axis=0)[None, :], dc_acc)
+            else:
+                # The slot belongs to this program alone: read-add-write without atomics. The
+                # program's first block initialises it, so the workspace needs no memset launch.
+                ws = ws_ptr + (pid.to(tl.int64) * NUM_TASKS + t) * D + offs_d
+                ok = offs_d < D
+                prev = tl.load(ws, mask=ok & (block != pid), other=0.0)
+                tl.store(ws, prev + tl.sum(dc, axis=0), mask=ok)
+    store_expert_tile(dh_ptr, dh, rows, offs_e, offs_d, B, E, D, stride_dhb, stride_dhe)
+    return dc_acc
+
+
+@triton.jit
+def gate_mix_bwd_kernel(
+    h_ptr, q_ptr, mask_ptr, g_ptr, gp_ptr, dh_ptr, dq_ptr, ws_ptr,
+    B, E, D, scale, top_k,
+    stride_hb, stride_he, stride_hd,
+    stride_qb, stride_qt, stride_qx,
+    stride_mb, stride_mt, stride_me,
+    stride_gb, stride_gt, stride_gd,
+    stride_gpb, stride_gpt, stride_gpe,
+    stride_dhb, stride_dhe,
+    stride_dqb, stride_dqt,
+    ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_GRAD_P: tl.constexpr,
+    NUM_TASKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+):
+    """Persistent over row blocks; ``dq`` is ``dC`` (per-row context) or ``dZ`` (softmax gate),
+    ``ws`` the ``[programs, T, D]`` float32 workspace of a shared context's ``dC``."""
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    dc_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+
+    for block in range(pid, tl.cdiv(B, ROWS), tl.num_programs(0)):
+        rows = tl.arange(0, ROWS).to(tl.int64) + block * ROWS
+        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        if SINGLE_CHUNK:
+            tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+            s, dp = _score_and_grad_dots(s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
+                                         stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                                         ATTENTION, PER_ROW_CONTEXT, NUM_TASKS)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+                s, dp = _score_and_grad_dots(s, dp, chunk, rows, offs_t, d0 + offs_d, q_ptr, g_ptr, B, D,
+                                             stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                                             ATTENTION, PER_ROW_CONTEXT, NUM_TASKS)
+        if not ATTENTION:
+            s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
+        p = gate_weights(s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt,
+                         stride_me, top_k, HAS_MASK, MASK_PER_ROW, HAS_TOP_K, BLOCK_E)
+        if HAS_GRAD_P:
+            dp += load_gate_tile(gp_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_gpb, stride_gpt, stride_gpe)
+        ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
+        if not ATTENTION:
+            store_gate_tile(dq_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dqb, stride_dqt)
+
+        if SINGLE_CHUNK:
+            dc_acc = _input_grads_chunk(tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, block, pid,
+                                        q_ptr, g_ptr, dh_ptr, dq_ptr, ws_ptr, B, E, D, scale,
+                                        stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                                        stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                                        ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+                dc_acc = _input_grads_chunk(chunk, p, ds, dc_acc, rows, offs_t, offs_e, d0 + offs_d, block, pid,
+                                            q_ptr, g_ptr, dh_ptr, dq_ptr, ws_ptr, B, E, D, scale,
+                                            stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                                            stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                                            ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK)
+
+    if ATTENTION and not PER_ROW_CONTEXT and SINGLE_CHUNK:
+        ws = ws_ptr + (pid.to(tl.int64) * NUM_TASKS + offs_t[:, None]) * D + offs_d[None, :]
+        tl.store(ws, dc_acc, mask=(offs_t[:, None] < NUM_TASKS) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def context_grad_reduce_kernel(ws_ptr, dc_ptr, num_partials, N, BLOCK: tl.constexpr):
+    """``dC.flatten()[i] = sum_k ws[k, i]`` over the ``num_partials`` slots, always in slot order."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, num_partials):
+        acc += tl.load(ws_ptr + k * N + offs, mask=ok, other=0.0)
+    tl.store(dc_ptr + offs, acc.to(dc_ptr.dtype.element_ty), mask=ok)
+
+
+def gate_mix_backward(
+    grad_y: Tensor,
+    grad_p: Tensor | None,
+    h: Tensor,
+    q: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    *,
+    attention: bool,
+) -> tuple[Tensor, Tensor]:
+    """Launch the backward (one kernel, plus the small dC reduction for a shared context).
+
+    Returns ``(dH [B, E, D], dq)`` with ``dq`` = ``dC`` (shape and dtype of the context) or ``dZ``
+    (shape and dtype of the logits).
+    """
+    batch, experts, dim = h.shape
+    tasks = q.shape[-2]
+    dh = torch.empty((batch, experts, dim), device=h.device, dtype=h.dtype)
+    shared_context = attention and q.dim() == 2
+    if batch == 0:
+        return dh, torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+    cfg = tile_config(experts, dim, tasks, backward=True)
+    num_blocks = triton.cdiv(batch, cfg.rows)
+    programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
+    if shared_context:
+        ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32)
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dq_strides = (0, 0)
+    else:
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        ws = dq
+        dq_strides = (dq.stride(0), dq.stride(1))
+    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
+    m = mask.view(torch.uint8) if mask is not None else None
+    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
+    gp_strides = grad_p.stride() if grad_p is not None else (0, 0, 0)
+    gate_mix_bwd_kernel[(programs,)](
+        h, q, m if m is not None else h, grad_y, grad_p if grad_p is not None else grad_y, dh, dq, ws,
+        batch, experts, dim, scale, top_k or 0,
+        *h.stride(), *q_strides, *m_strides, *grad_y.stride(), *gp_strides,
+        dh.stride(0), dh.stride(1), *dq_strides,
+        ATTENTION=attention, PER_ROW_CONTEXT=attention and not shared_context,
+        HAS_MASK=m is not None, MASK_PER_ROW=m is not None and m.dim() == 3,
+        HAS_TOP_K=top_k is not None, HAS_GRAD_P=grad_p is not None,
+        NUM_TASKS=tasks, BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_D=cfg.block_d,
+        ROWS=cfg.rows, SINGLE_CHUNK=cfg.single_chunk, num_warps=cfg.num_warps,
+    )
+    if shared_context:
+        numel = tasks * dim
+        context_grad_reduce_kernel[(triton.cdiv(numel, REDUCE_BLOCK),)](
+            ws, dq, programs, numel, BLOCK=REDUCE_BLOCK, num_warps=4
+        )
+    return dh, dq
