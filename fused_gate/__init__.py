@@ -1,1 +1,15 @@
-"""fused_gate."""
+"""fused_gate: fused Triton kernels for the gates of multi-task mixture-of-experts models.
+
+``attention_mix`` (attention gate: learned per-task context vectors as queries over the expert
+outputs) and ``softmax_mix`` (classic MMoE/PLE gate) compute scores, the masked softmax over experts
+and the weighted sum of expert outputs in one pass, forward and backward. ``fused_gate.reference``
+holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
+"""
+
+from fused_gate import reference
+from fused_gate.modules import AttentionMix
+from fused_gate.ops import attention_mix, softmax_mix, uses_kernels
+
+__version__ = "0.1.0"
+
+__all__ = ["AttentionMix", "attention_mix", "reference", "softmax_mix", "uses_kernels"]

@@ -34,8 +34,7 @@ def _check_same_device(**tensors: Tensor | None) -> None:
     for name, t in named[1:]:
         if t.device != first.device:
             raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                "all inputs must be on the same device"
+                f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must be on the same device"
             )
 
 
@@ -107,8 +106,7 @@ def check_attention_mix(
             )
     else:
         raise ValueError(
-            f"context must be [T, D] (one vector per task) or [B, T, D] (per row), "
-            f"got shape {tuple(context.shape)}"
+            f"context must be [T, D] (one vector per task) or [B, T, D] (per row), got shape {tuple(context.shape)}"
         )
     if cdim != dim:
         raise ValueError(f"context has D = {cdim} but h has D = {dim} (h [B, E, D], context [T, D])")

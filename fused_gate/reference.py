@@ -121,8 +121,8 @@ def attention_mix_backward(
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradients ``(dH [B, E, D], dC [T, D] | [B, T, D])`` for ``dL/dY = grad_y``::
 
-        dH[b,e] = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
-        dC[t]   = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
+    dH[b,e] = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
+    dC[t]   = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
     """
     dtype = _compute_dtype(h, context)
     scale = h.shape[-1] ** -0.5 if scale is None else float(scale)

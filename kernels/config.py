@@ -18,10 +18,12 @@ import triton
 MAX_EXPERTS = 256
 MAX_TASKS = 16
 MAX_ROWS = 64
-MIN_BLOCK_D = 16
+MIN_BLOCK_D = 8
 FORWARD_TILE = 8192
 BACKWARD_TILE = 4096
 ELEMENTS_PER_THREAD = 16
+MAX_WARPS = 16
+GATE_ELEMENTS_PER_THREAD = 4
 REDUCE_BLOCK = 1024
 
 
@@ -35,6 +37,9 @@ class TileConfig:
     rows: int
     num_warps: int
     single_chunk: bool
+    # Software pipelining of the D-chunk loops keeps several tiles live and spills; the kernels are
+    # latency-hidden by running several programs per SM instead.
+    num_stages: int = 1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -47,12 +52,24 @@ def tile_config(num_experts: int, dim: int, num_tasks: int, backward: bool) -> T
     """
     budget = BACKWARD_TILE if backward else FORWARD_TILE
     block_e = triton.next_power_of_2(num_experts)
-    block_d = min(triton.next_power_of_2(dim), max(MIN_BLOCK_D, budget // block_e))
-    rows = max(1, min(MAX_ROWS, budget // (block_e * block_d)))
+    block_t = triton.next_power_of_2(num_tasks)
+    # The backward also keeps a shared context's dC partial, [BLOCK_T, BLOCK_D], in registers.
+    widest = max(block_e, block_t) if backward else block_e
+    block_d = min(triton.next_power_of_2(dim), max(MIN_BLOCK_D, budget // widest))
+    if backward and block_d < dim:
+        # Walking D in chunks keeps p, ds and the workspace slot live across the loop: halve the tile.
+        budget //= 2
+        block_d = max(MIN_BLOCK_D, block_d // 2)
+    # Rows also multiply the per-(row, task, expert) scores and weights, [ROWS, BLOCK_T, BLOCK_E].
+    rows = max(1, min(MAX_ROWS, budget // (block_e * block_d), budget // (block_t * block_e)))
+    # Several [ROWS, BLOCK_T, BLOCK_E] tensors (scores, weights, their gradients, top-k state) are live
+    # at once, so they get fewer elements per thread than the expert tile.
+    gate = rows * block_t * block_e
     tile = rows * block_e * block_d
-    num_warps = max(1, min(8, tile // (32 * ELEMENTS_PER_THREAD)))
+    warps = max(min(8, tile // (32 * ELEMENTS_PER_THREAD)), gate // (32 * GATE_ELEMENTS_PER_THREAD))
+    num_warps = max(1, min(MAX_WARPS, warps))
     return TileConfig(
-        block_t=triton.next_power_of_2(num_tasks),
+        block_t=block_t,
         block_e=block_e,
         block_d=block_d,
         rows=rows,
@@ -67,3 +84,20 @@ def max_persistent_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch, built by a launcher's ``plan_*`` function and run by ``launch()``.
+
+    Keeping the plan separate lets ``tests/test_compile.py`` compile, ahead of time and for a given
+    GPU target, exactly what the launcher would run.
+    """
+
+    kernel: triton.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+
+    def launch(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)

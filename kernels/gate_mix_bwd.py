@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
-from fused_gate.kernels.config import REDUCE_BLOCK, max_persistent_programs, tile_config
+from fused_gate.kernels.config import REDUCE_BLOCK, KernelLaunch, max_persistent_programs, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     gate_weights,
@@ -33,14 +31,33 @@ from fused_gate.kernels.gate_tile import (
     store_task_vector,
     task_row,
 )
+from torch import Tensor
 
 
 @triton.jit
-def _score_and_grad_dots(s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
-                         stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                         ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr, NUM_TASKS: tl.constexpr):
+def _score_and_grad_dots(
+    s,
+    dp,
+    tile,
+    rows,
+    offs_t,
+    offs_d,
+    q_ptr,
+    g_ptr,
+    B,
+    D,
+    stride_qb,
+    stride_qt,
+    stride_qx,
+    stride_gb,
+    stride_gt,
+    stride_gd,
+    ATTENTION: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+):
     """Over one D chunk: ``s += <C[t], H[e]>`` (ATTENTION) and ``dp += <G[t], H[e]>`` for every task."""
-    for t in tl.static_range(NUM_TASKS):
+    for t in range(0, NUM_TASKS):
         if ATTENTION:
             c = load_task_vector(q_ptr, rows, t, offs_d, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT)
             s = add_task_dots(s, tile, c, t, offs_t)
@@ -50,15 +67,44 @@ def _score_and_grad_dots(s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
 
 
 @triton.jit
-def _input_grads_chunk(tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, block, pid,
-                       q_ptr, g_ptr, dh_ptr, dq_ptr, ws_ptr, B, E, D, scale,
-                       stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                       stride_dhb, stride_dhe, stride_dqb, stride_dqt,
-                       ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr, NUM_TASKS: tl.constexpr,
-                       SINGLE_CHUNK: tl.constexpr):
+def _input_grads_chunk(
+    tile,
+    p,
+    ds,
+    dc_acc,
+    rows,
+    offs_t,
+    offs_e,
+    offs_d,
+    block,
+    pid,
+    q_ptr,
+    g_ptr,
+    dh_ptr,
+    dq_ptr,
+    ws_ptr,
+    B,
+    E,
+    D,
+    scale,
+    stride_qb,
+    stride_qt,
+    stride_qx,
+    stride_gb,
+    stride_gt,
+    stride_gd,
+    stride_dhb,
+    stride_dhe,
+    stride_dqb,
+    stride_dqt,
+    ATTENTION: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
     """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination."""
     dh = tl.zeros_like(tile)
-    for t in tl.static_range(NUM_TASKS):
+    for t in range(0, NUM_TASKS):
         g = load_task_vector(g_ptr, rows, t, offs_d, B, D, stride_gb, stride_gt, stride_gd, True)
         dh += task_row(p, t, offs_t)[:, :, None] * g
         if ATTENTION:
@@ -83,19 +129,50 @@ def _input_grads_chunk(tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, block,
 
 @triton.jit
 def gate_mix_bwd_kernel(
-    h_ptr, q_ptr, mask_ptr, g_ptr, gp_ptr, dh_ptr, dq_ptr, ws_ptr,
-    B, E, D, scale, top_k,
-    stride_hb, stride_he, stride_hd,
-    stride_qb, stride_qt, stride_qx,
-    stride_mb, stride_mt, stride_me,
-    stride_gb, stride_gt, stride_gd,
-    stride_gpb, stride_gpt, stride_gpe,
-    stride_dhb, stride_dhe,
-    stride_dqb, stride_dqt,
-    ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_GRAD_P: tl.constexpr,
-    NUM_TASKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    h_ptr,
+    q_ptr,
+    mask_ptr,
+    g_ptr,
+    gp_ptr,
+    dh_ptr,
+    dq_ptr,
+    ws_ptr,
+    B,
+    E,
+    D,
+    scale,
+    top_k,
+    stride_hb,
+    stride_he,
+    stride_hd,
+    stride_qb,
+    stride_qt,
+    stride_qx,
+    stride_mb,
+    stride_mt,
+    stride_me,
+    stride_gb,
+    stride_gt,
+    stride_gd,
+    stride_gpb,
+    stride_gpt,
+    stride_gpe,
+    stride_dhb,
+    stride_dhe,
+    stride_dqb,
+    stride_dqt,
+    ATTENTION: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_PER_ROW: tl.constexpr,
+    HAS_TOP_K: tl.constexpr,
+    HAS_GRAD_P: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
 ):
     """Persistent over row blocks; ``dq`` is ``dC`` (per-row context) or ``dZ`` (softmax gate),
     ``ws`` the ``[programs, T, D]`` float32 workspace of a shared context's ``dC``."""
@@ -111,19 +188,71 @@ def gate_mix_bwd_kernel(
         dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
-            s, dp = _score_and_grad_dots(s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
-                                         stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                                         ATTENTION, PER_ROW_CONTEXT, NUM_TASKS)
+            s, dp = _score_and_grad_dots(
+                s,
+                dp,
+                tile,
+                rows,
+                offs_t,
+                offs_d,
+                q_ptr,
+                g_ptr,
+                B,
+                D,
+                stride_qb,
+                stride_qt,
+                stride_qx,
+                stride_gb,
+                stride_gt,
+                stride_gd,
+                ATTENTION,
+                PER_ROW_CONTEXT,
+                NUM_TASKS,
+            )
         else:
             for d0 in range(0, D, BLOCK_D):
                 chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
-                s, dp = _score_and_grad_dots(s, dp, chunk, rows, offs_t, d0 + offs_d, q_ptr, g_ptr, B, D,
-                                             stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                                             ATTENTION, PER_ROW_CONTEXT, NUM_TASKS)
+                s, dp = _score_and_grad_dots(
+                    s,
+                    dp,
+                    chunk,
+                    rows,
+                    offs_t,
+                    d0 + offs_d,
+                    q_ptr,
+                    g_ptr,
+                    B,
+                    D,
+                    stride_qb,
+                    stride_qt,
+                    stride_qx,
+                    stride_gb,
+                    stride_gt,
+                    stride_gd,
+                    ATTENTION,
+                    PER_ROW_CONTEXT,
+                    NUM_TASKS,
+                )
         if not ATTENTION:
             s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
-        p = gate_weights(s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt,
-                         stride_me, top_k, HAS_MASK, MASK_PER_ROW, HAS_TOP_K, BLOCK_E)
+        p = gate_weights(
+            s * scale,
+            mask_ptr,
+            rows,
+            offs_t,
+            offs_e,
+            B,
+            NUM_TASKS,
+            E,
+            stride_mb,
+            stride_mt,
+            stride_me,
+            top_k,
+            HAS_MASK,
+            MASK_PER_ROW,
+            HAS_TOP_K,
+            BLOCK_E,
+        )
         if HAS_GRAD_P:
             dp += load_gate_tile(gp_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_gpb, stride_gpt, stride_gpe)
         ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
@@ -131,19 +260,79 @@ def gate_mix_bwd_kernel(
             store_gate_tile(dq_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dqb, stride_dqt)
 
         if SINGLE_CHUNK:
-            dc_acc = _input_grads_chunk(tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, block, pid,
-                                        q_ptr, g_ptr, dh_ptr, dq_ptr, ws_ptr, B, E, D, scale,
-                                        stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                                        stride_dhb, stride_dhe, stride_dqb, stride_dqt,
-                                        ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK)
+            dc_acc = _input_grads_chunk(
+                tile,
+                p,
+                ds,
+                dc_acc,
+                rows,
+                offs_t,
+                offs_e,
+                offs_d,
+                block,
+                pid,
+                q_ptr,
+                g_ptr,
+                dh_ptr,
+                dq_ptr,
+                ws_ptr,
+                B,
+                E,
+                D,
+                scale,
+                stride_qb,
+                stride_qt,
+                stride_qx,
+                stride_gb,
+                stride_gt,
+                stride_gd,
+                stride_dhb,
+                stride_dhe,
+                stride_dqb,
+                stride_dqt,
+                ATTENTION,
+                PER_ROW_CONTEXT,
+                NUM_TASKS,
+                SINGLE_CHUNK,
+            )
         else:
             for d0 in range(0, D, BLOCK_D):
                 chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
-                dc_acc = _input_grads_chunk(chunk, p, ds, dc_acc, rows, offs_t, offs_e, d0 + offs_d, block, pid,
-                                            q_ptr, g_ptr, dh_ptr, dq_ptr, ws_ptr, B, E, D, scale,
-                                            stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                                            stride_dhb, stride_dhe, stride_dqb, stride_dqt,
-                                            ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK)
+                dc_acc = _input_grads_chunk(
+                    chunk,
+                    p,
+                    ds,
+                    dc_acc,
+                    rows,
+                    offs_t,
+                    offs_e,
+                    d0 + offs_d,
+                    block,
+                    pid,
+                    q_ptr,
+                    g_ptr,
+                    dh_ptr,
+                    dq_ptr,
+                    ws_ptr,
+                    B,
+                    E,
+                    D,
+                    scale,
+                    stride_qb,
+                    stride_qt,
+                    stride_qx,
+                    stride_gb,
+                    stride_gt,
+                    stride_gd,
+                    stride_dhb,
+                    stride_dhe,
+                    stride_dqb,
+                    stride_dqt,
+                    ATTENTION,
+                    PER_ROW_CONTEXT,
+                    NUM_TASKS,
+                    SINGLE_CHUNK,
+                )
 
     if ATTENTION and not PER_ROW_CONTEXT and SINGLE_CHUNK:
         ws = ws_ptr + (pid.to(tl.int64) * NUM_TASKS + offs_t[:, None]) * D + offs_d[None, :]
@@ -156,9 +345,96 @@ def context_grad_reduce_kernel(ws_ptr, dc_ptr, num_partials, N, BLOCK: tl.conste
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(0, num_partials):
-        acc += tl.load(ws_ptr + k * N + offs, mask=ok, other=0.0)
+    slot = ws_ptr + offs
+    for _ in range(0, num_partials):
+        acc += tl.load(slot, mask=ok, other=0.0)
+        slot += N
     tl.store(dc_ptr + offs, acc.to(dc_ptr.dtype.element_ty), mask=ok)
+
+
+def plan_backward(
+    grad_y: Tensor,
+    grad_p: Tensor | None,
+    h: Tensor,
+    q: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    *,
+    attention: bool,
+) -> tuple[Tensor, Tensor, list[KernelLaunch]]:
+    """Allocate the gradients and describe the launches; see :func:`gate_mix_backward`."""
+    batch, experts, dim = h.shape
+    tasks = q.shape[-2]
+    dh = torch.empty((batch, experts, dim), device=h.device, dtype=h.dtype)
+    if batch == 0:
+        return dh, torch.zeros(q.shape, device=q.device, dtype=q.dtype), []
+    shared_context = attention and q.dim() == 2
+    cfg = tile_config(experts, dim, tasks, backward=True)
+    num_blocks = triton.cdiv(batch, cfg.rows)
+    programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if shared_context:
+        ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32)
+        dq_strides = (0, 0)
+    else:
+        ws = dq
+        dq_strides = (dq.stride(0), dq.stride(1))
+    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
+    m = mask.view(torch.uint8) if mask is not None else None
+    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
+    gp_strides = grad_p.stride() if grad_p is not None else (0, 0, 0)
+    args = (
+        h,
+        q,
+        m if m is not None else h,
+        grad_y,
+        grad_p if grad_p is not None else grad_y,
+        dh,
+        dq,
+        ws,
+        batch,
+        experts,
+        dim,
+        scale,
+        top_k or 0,
+        *h.stride(),
+        *q_strides,
+        *m_strides,
+        *grad_y.stride(),
+        *gp_strides,
+        dh.stride(0),
+        dh.stride(1),
+        *dq_strides,
+    )
+    meta = dict(
+        ATTENTION=attention,
+        PER_ROW_CONTEXT=attention and not shared_context,
+        HAS_MASK=m is not None,
+        MASK_PER_ROW=m is not None and m.dim() == 3,
+        HAS_TOP_K=top_k is not None,
+        HAS_GRAD_P=grad_p is not None,
+        NUM_TASKS=tasks,
+        BLOCK_T=cfg.block_t,
+        BLOCK_E=cfg.block_e,
+        BLOCK_D=cfg.block_d,
+        ROWS=cfg.rows,
+        SINGLE_CHUNK=cfg.single_chunk,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    launches = [KernelLaunch(gate_mix_bwd_kernel, (programs,), args, meta)]
+    if shared_context:
+        numel = tasks * dim
+        launches.append(
+            KernelLaunch(
+                context_grad_reduce_kernel,
+                (triton.cdiv(numel, REDUCE_BLOCK),),
+                (ws, dq, programs, numel),
+                dict(BLOCK=REDUCE_BLOCK, num_warps=4),
+            )
+        )
+    return dh, dq, launches
 
 
 def gate_mix_backward(
@@ -172,46 +448,12 @@ def gate_mix_backward(
     *,
     attention: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the backward (one kernel, plus the small dC reduction for a shared context).
+    """Run the backward: one kernel, plus the small dC reduction for a shared context.
 
     Returns ``(dH [B, E, D], dq)`` with ``dq`` = ``dC`` (shape and dtype of the context) or ``dZ``
     (shape and dtype of the logits).
     """
-    batch, experts, dim = h.shape
-    tasks = q.shape[-2]
-    dh = torch.empty((batch, experts, dim), device=h.device, dtype=h.dtype)
-    shared_context = attention and q.dim() == 2
-    if batch == 0:
-        return dh, torch.zeros(q.shape, device=q.device, dtype=q.dtype)
-    cfg = tile_config(experts, dim, tasks, backward=True)
-    num_blocks = triton.cdiv(batch, cfg.rows)
-    programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
-    if shared_context:
-        ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32)
-        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        dq_strides = (0, 0)
-    else:
-        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        ws = dq
-        dq_strides = (dq.stride(0), dq.stride(1))
-    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
-    m = mask.view(torch.uint8) if mask is not None else None
-    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
-    gp_strides = grad_p.stride() if grad_p is not None else (0, 0, 0)
-    gate_mix_bwd_kernel[(programs,)](
-        h, q, m if m is not None else h, grad_y, grad_p if grad_p is not None else grad_y, dh, dq, ws,
-        batch, experts, dim, scale, top_k or 0,
-        *h.stride(), *q_strides, *m_strides, *grad_y.stride(), *gp_strides,
-        dh.stride(0), dh.stride(1), *dq_strides,
-        ATTENTION=attention, PER_ROW_CONTEXT=attention and not shared_context,
-        HAS_MASK=m is not None, MASK_PER_ROW=m is not None and m.dim() == 3,
-        HAS_TOP_K=top_k is not None, HAS_GRAD_P=grad_p is not None,
-        NUM_TASKS=tasks, BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_D=cfg.block_d,
-        ROWS=cfg.rows, SINGLE_CHUNK=cfg.single_chunk, num_warps=cfg.num_warps,
-    )
-    if shared_context:
-        numel = tasks * dim
-        context_grad_reduce_kernel[(triton.cdiv(numel, REDUCE_BLOCK),)](
-            ws, dq, programs, numel, BLOCK=REDUCE_BLOCK, num_warps=4
-        )
+    dh, dq, launches = plan_backward(grad_y, grad_p, h, q, mask, scale, top_k, attention=attention)
+    for launch in launches:
+        launch.launch()
     return dh, dq

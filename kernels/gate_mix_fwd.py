@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
-from fused_gate.kernels.config import tile_config
+from fused_gate.kernels.config import KernelLaunch, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     gate_weights,
@@ -30,13 +28,27 @@ from fused_gate.kernels.gate_tile import (
     store_task_vector,
     task_row,
 )
+from torch import Tensor
 
 
 @triton.jit
-def _context_scores(s, tile, rows, offs_t, offs_d, c_ptr, B, D, stride_cb, stride_ct, stride_cd,
-                    PER_ROW_CONTEXT: tl.constexpr, NUM_TASKS: tl.constexpr):
+def _context_scores(
+    s,
+    tile,
+    rows,
+    offs_t,
+    offs_d,
+    c_ptr,
+    B,
+    D,
+    stride_cb,
+    stride_ct,
+    stride_cd,
+    PER_ROW_CONTEXT: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+):
     """``s[:, t, e] += <C[t], tile[:, e]>`` for every task, over one D chunk."""
-    for t in tl.static_range(NUM_TASKS):
+    for t in range(0, NUM_TASKS):
         c = load_task_vector(c_ptr, rows, t, offs_d, B, D, stride_cb, stride_ct, stride_cd, PER_ROW_CONTEXT)
         s = add_task_dots(s, tile, c, t, offs_t)
     return s
@@ -45,7 +57,7 @@ def _context_scores(s, tile, rows, offs_t, offs_d, c_ptr, B, D, stride_cb, strid
 @triton.jit
 def _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS: tl.constexpr):
     """``Y[rows, t, chunk] = sum_e p[:, t, e] * tile[:, e, :]`` for every task."""
-    for t in tl.static_range(NUM_TASKS):
+    for t in range(0, NUM_TASKS):
         p_t = task_row(p, t, offs_t)
         y = tl.sum(p_t[:, :, None] * tile, axis=1)
         store_task_vector(y_ptr, y, rows, t, offs_d, B, D, stride_yb, stride_yt)
@@ -53,17 +65,41 @@ def _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride
 
 @triton.jit
 def gate_mix_fwd_kernel(
-    h_ptr, q_ptr, mask_ptr, y_ptr, p_ptr,
-    B, E, D, scale, top_k,
-    stride_hb, stride_he, stride_hd,
-    stride_qb, stride_qt, stride_qx,
-    stride_mb, stride_mt, stride_me,
-    stride_yb, stride_yt,
-    stride_pb, stride_pt,
-    ATTENTION: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_TOP_K: tl.constexpr, RETURN_WEIGHTS: tl.constexpr,
-    NUM_TASKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    h_ptr,
+    q_ptr,
+    mask_ptr,
+    y_ptr,
+    p_ptr,
+    B,
+    E,
+    D,
+    scale,
+    top_k,
+    stride_hb,
+    stride_he,
+    stride_hd,
+    stride_qb,
+    stride_qt,
+    stride_qx,
+    stride_mb,
+    stride_mt,
+    stride_me,
+    stride_yb,
+    stride_yt,
+    stride_pb,
+    stride_pt,
+    ATTENTION: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_PER_ROW: tl.constexpr,
+    HAS_TOP_K: tl.constexpr,
+    RETURN_WEIGHTS: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
 ):
     """``q`` is the context ``C`` (``ATTENTION``) or the logits ``Z``; see the module docstring."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -75,20 +111,62 @@ def gate_mix_fwd_kernel(
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
-            s = _context_scores(s, tile, rows, offs_t, offs_d, q_ptr, B, D, stride_qb, stride_qt, stride_qx,
-                                PER_ROW_CONTEXT, NUM_TASKS)
+            s = _context_scores(
+                s,
+                tile,
+                rows,
+                offs_t,
+                offs_d,
+                q_ptr,
+                B,
+                D,
+                stride_qb,
+                stride_qt,
+                stride_qx,
+                PER_ROW_CONTEXT,
+                NUM_TASKS,
+            )
         else:
             for d0 in range(0, D, BLOCK_D):
                 chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
-                s = _context_scores(s, chunk, rows, offs_t, d0 + offs_d, q_ptr, B, D, stride_qb, stride_qt,
-                                    stride_qx, PER_ROW_CONTEXT, NUM_TASKS)
+                s = _context_scores(
+                    s,
+                    chunk,
+                    rows,
+                    offs_t,
+                    d0 + offs_d,
+                    q_ptr,
+                    B,
+                    D,
+                    stride_qb,
+                    stride_qt,
+                    stride_qx,
+                    PER_ROW_CONTEXT,
+                    NUM_TASKS,
+                )
     else:
         s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
 
-    p = gate_weights(s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt,
-                     stride_me, top_k, HAS_MASK, MASK_PER_ROW, HAS_TOP_K, BLOCK_E)
+    p = gate_weights(
+        s * scale,
+        mask_ptr,
+        rows,
+        offs_t,
+        offs_e,
+        B,
+        NUM_TASKS,
+        E,
+        stride_mb,
+        stride_mt,
+        stride_me,
+        top_k,
+        HAS_MASK,
+        MASK_PER_ROW,
+        HAS_TOP_K,
+        BLOCK_E,
+    )
     if RETURN_WEIGHTS:
         store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
 
@@ -101,6 +179,66 @@ def gate_mix_fwd_kernel(
             _mix_and_store(chunk, p, rows, offs_t, d0 + offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS)
 
 
+def plan_forward(
+    h: Tensor,
+    q: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    *,
+    attention: bool,
+    return_weights: bool,
+) -> tuple[Tensor, Tensor | None, list[KernelLaunch]]:
+    """Allocate the outputs and describe the launch (none when ``B = 0``); see :func:`gate_mix_forward`."""
+    batch, experts, dim = h.shape
+    tasks = q.shape[-2]
+    y = torch.empty((batch, tasks, dim), device=h.device, dtype=h.dtype)
+    p = torch.empty((batch, tasks, experts), device=h.device, dtype=h.dtype) if return_weights else None
+    if batch == 0:
+        return y, p, []
+    cfg = tile_config(experts, dim, tasks, backward=False)
+    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
+    m = mask.view(torch.uint8) if mask is not None else None
+    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
+    p_arg = p if p is not None else y
+    args = (
+        h,
+        q,
+        m if m is not None else h,
+        y,
+        p_arg,
+        batch,
+        experts,
+        dim,
+        scale,
+        top_k or 0,
+        *h.stride(),
+        *q_strides,
+        *m_strides,
+        y.stride(0),
+        y.stride(1),
+        p_arg.stride(0),
+        p_arg.stride(1),
+    )
+    meta = dict(
+        ATTENTION=attention,
+        PER_ROW_CONTEXT=attention and q.dim() == 3,
+        HAS_MASK=m is not None,
+        MASK_PER_ROW=m is not None and m.dim() == 3,
+        HAS_TOP_K=top_k is not None,
+        RETURN_WEIGHTS=return_weights,
+        NUM_TASKS=tasks,
+        BLOCK_T=cfg.block_t,
+        BLOCK_E=cfg.block_e,
+        BLOCK_D=cfg.block_d,
+        ROWS=cfg.rows,
+        SINGLE_CHUNK=cfg.single_chunk,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y, p, [KernelLaunch(gate_mix_fwd_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
+
+
 def gate_mix_forward(
     h: Tensor,
     q: Tensor,
@@ -111,31 +249,12 @@ def gate_mix_forward(
     attention: bool,
     return_weights: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch the forward. ``q``: context ``[T, D]``/``[B, T, D]`` or logits ``[B, T, E]``.
+    """Run the forward. ``q``: context ``[T, D]``/``[B, T, D]`` or logits ``[B, T, E]``.
 
     Returns ``Y [B, T, D]`` in ``h``'s dtype and, when ``return_weights``, ``p [B, T, E]`` too.
     Inputs are validated by the caller; any strides are accepted (no copies).
     """
-    batch, experts, dim = h.shape
-    tasks = q.shape[-2]
-    y = torch.empty((batch, tasks, dim), device=h.device, dtype=h.dtype)
-    p = torch.empty((batch, tasks, experts), device=h.device, dtype=h.dtype) if return_weights else None
-    if batch == 0:
-        return y, p
-    cfg = tile_config(experts, dim, tasks, backward=False)
-    per_row = attention and q.dim() == 3
-    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
-    m = mask.view(torch.uint8) if mask is not None else None
-    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
-    p_arg = p if p is not None else y
-    gate_mix_fwd_kernel[(triton.cdiv(batch, cfg.rows),)](
-        h, q, m if m is not None else h, y, p_arg,
-        batch, experts, dim, scale, top_k or 0,
-        *h.stride(), *q_strides, *m_strides, y.stride(0), y.stride(1), p_arg.stride(0), p_arg.stride(1),
-        ATTENTION=attention, PER_ROW_CONTEXT=per_row,
-        HAS_MASK=m is not None, MASK_PER_ROW=m is not None and m.dim() == 3,
-        HAS_TOP_K=top_k is not None, RETURN_WEIGHTS=return_weights,
-        NUM_TASKS=tasks, BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_D=cfg.block_d,
-        ROWS=cfg.rows, SINGLE_CHUNK=cfg.single_chunk, num_warps=cfg.num_warps,
-    )
+    y, p, launches = plan_forward(h, q, mask, scale, top_k, attention=attention, return_weights=return_weights)
+    for launch in launches:
+        launch.launch()
     return y, p

@@ -88,8 +88,18 @@ def store_gate_tile(ptr, x, rows, offs_t, offs_e, B, T, E, stride_b, stride_t):
 
 @triton.jit
 def allowed_experts(
-    mask_ptr, rows, offs_t, offs_e, B, T, E, stride_b, stride_t, stride_e,
-    HAS_MASK: tl.constexpr, MASK_PER_ROW: tl.constexpr,
+    mask_ptr,
+    rows,
+    offs_t,
+    offs_e,
+    B,
+    T,
+    E,
+    stride_b,
+    stride_t,
+    stride_e,
+    HAS_MASK: tl.constexpr,
+    MASK_PER_ROW: tl.constexpr,
 ):
     """Bool ``[ROWS or 1, BLOCK_T, BLOCK_E]``: which (task, expert) pairs take part in the softmax."""
     t = offs_t[None, :, None]
@@ -138,8 +148,22 @@ def masked_softmax(s, allowed):
 
 @triton.jit
 def gate_weights(
-    s, mask_ptr, rows, offs_t, offs_e, B, T, E, stride_mb, stride_mt, stride_me,
-    top_k, HAS_MASK: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    s,
+    mask_ptr,
+    rows,
+    offs_t,
+    offs_e,
+    B,
+    T,
+    E,
+    stride_mb,
+    stride_mt,
+    stride_me,
+    top_k,
+    HAS_MASK: tl.constexpr,
+    MASK_PER_ROW: tl.constexpr,
+    HAS_TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """``p = softmax_e(s)`` over the allowed experts (mask, and the ``top_k`` best when ``HAS_TOP_K``)."""
     allowed = allowed_experts(

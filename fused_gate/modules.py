@@ -1,0 +1,91 @@
+"""``nn.Module`` wrappers of the fused gates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fused_gate.ops import attention_mix
+
+
+def _as_expert_tensor(h: Tensor | Sequence[Tensor]) -> tuple[Tensor, bool]:
+    """``[B, E, D]`` from a tensor or from a list of E ``[B, D]`` tensors (stacked: one copy)."""
+    if isinstance(h, Tensor):
+        return h, False
+    if isinstance(h, list | tuple) and h and all(isinstance(x, Tensor) for x in h):
+        if any(x.dim() != 2 or x.shape != h[0].shape for x in h):
+            raise ValueError(
+                "a list of expert outputs must hold E tensors of the same shape [B, D], got shapes "
+                f"{[tuple(x.shape) for x in h]}"
+            )
+        return torch.stack(list(h), dim=1), True
+    raise TypeError(f"h must be a [B, E, D] tensor or a non-empty list of [B, D] tensors, got {type(h).__name__}")
+
+
+class AttentionMix(nn.Module):
+    """Attention gate of a multi-task MoE: each task owns a learned context (query) vector.
+
+    ``Y[b,t] = sum_e softmax_e(scale * <C[t], H[b,e]>) * H[b,e]`` with ``C [T, D]`` the module's
+    ``context`` parameter, initialised from ``N(0, 1)`` (with the default ``scale = 1/sqrt(D)`` the
+    initial scores have unit-order spread, like attention logits).
+
+    ``forward(h)`` takes ``[B, E, D]`` and returns ``[B, T, D]``; given a list of E ``[B, D]`` tensors
+    (what most MMoE code builds) it returns a list of T ``[B, D]`` tensors, one per task tower.
+
+    Args:
+        num_tasks: T, the number of gates (tasks).
+        dim: D, the experts' output width.
+        scale: score scale, default ``1 / sqrt(D)``.
+        mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
+            ``state_dict``).
+        top_k: keep only the ``top_k`` best experts per row and task.
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        dim: int,
+        *,
+        scale: float | None = None,
+        mask: Tensor | None = None,
+        top_k: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_tasks < 1 or dim < 1:
+            raise ValueError(f"num_tasks and dim must be >= 1, got num_tasks={num_tasks}, dim={dim}")
+        self.num_tasks, self.dim, self.scale, self.top_k = num_tasks, dim, scale, top_k
+        self.context = nn.Parameter(torch.empty(num_tasks, dim, device=device, dtype=dtype))
+        if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != num_tasks):
+            raise ValueError(
+                f"mask must be a bool [T, E] tensor with T = {num_tasks}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        self.register_buffer("mask", None if mask is None else mask.to(device), persistent=mask is not None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.context)
+
+    def forward(
+        self, h: Tensor | Sequence[Tensor], return_weights: bool = False
+    ) -> Tensor | list[Tensor] | tuple[Tensor | list[Tensor], Tensor]:
+        stacked, from_list = _as_expert_tensor(h)
+        out = attention_mix(
+            stacked,
+            self.context,
+            scale=self.scale,
+            mask=self.mask,
+            top_k=self.top_k,
+            return_weights=return_weights,
+        )
+        y, p = out if return_weights else (out, None)
+        if from_list:
+            y = list(y.unbind(1))
+        return (y, p) if return_weights else y
+
+    def extra_repr(self) -> str:
+        extras = "".join(f", {k}={v}" for k, v in (("scale", self.scale), ("top_k", self.top_k)) if v is not None)
+        return f"num_tasks={self.num_tasks}, dim={self.dim}{extras}, masked={self.mask is not None}"

@@ -1,0 +1,45 @@
+"""Test set-up: run the real Triton kernels, on CUDA when present, else through the interpreter.
+
+``TRITON_INTERPRET=1`` must be in the environment before triton is imported, which is why it is set
+here, at the top of the first module pytest loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from fused_gate.kernels import INTERPRETED
+
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+# Kernel outputs (stored in the input dtype, accumulated in float32) against the float64 reference
+# computed from the same rounded inputs: the output rounding of the dtype dominates.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def pytest_sessionstart(session):
+    if DEVICE == "cpu" and not INTERPRETED:
+        pytest.exit("no GPU: run the tests with TRITON_INTERPRET=1 so the Triton kernels execute", returncode=4)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Relative check with an absolute floor scaled to the tensor's magnitude."""
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double().cpu(),
+        expected.double().cpu(),
+        rtol=tol,
+        atol=tol * scale,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
