@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from fused_gate.kernels.config import REDUCE_BLOCK, KernelLaunch, max_persistent_programs, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
@@ -31,7 +33,6 @@ from fused_gate.kernels.gate_tile import (
     store_task_vector,
     task_row,
 )
-from torch import Tensor
 
 
 @triton.jit

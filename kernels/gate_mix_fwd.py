@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from fused_gate.kernels.config import KernelLaunch, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
@@ -28,7 +30,6 @@ from fused_gate.kernels.gate_tile import (
     store_task_vector,
     task_row,
 )
-from torch import Tensor
 
 
 @triton.jit

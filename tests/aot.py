@@ -80,6 +80,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 def planned_launches(experts: int, dim: int, tasks: int, attention: bool):
     import torch
+
     from fused_gate.kernels.gate_mix_bwd import plan_backward
     from fused_gate.kernels.gate_mix_fwd import plan_forward
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fused_gate.kernels import gate_mix_bwd, gate_mix_fwd
-from fused_gate.kernels.config import tile_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_gate as fg
+from fused_gate.kernels import gate_mix_bwd, gate_mix_fwd
+from fused_gate.kernels.config import tile_config
 
 from .conftest import assert_matches
 from .helpers import check_attention_mix, make_inputs

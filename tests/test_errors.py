@@ -1,0 +1,78 @@
+"""Every rejected input raises ValueError/TypeError naming the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_gate as fg
+from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
+
+B, E, D, T = 4, 3, 8, 2
+
+
+def _h(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+ATTENTION_CASES = [
+    # (h, context, kwargs, exception, message fragment)
+    (_h(B, D), _h(T, D), {}, ValueError, "h must be 3-D"),
+    (_h(B, E, D), _h(D), {}, ValueError, "context must be"),
+    (_h(B, E, D), _h(T, D + 1), {}, ValueError, "context has D"),
+    (_h(B, E, D), _h(B + 1, T, D), {}, ValueError, "per-row context"),
+    (_h(B, 0, D), _h(T, D), {}, ValueError, "E >= 1"),
+    (_h(B, E, D), _h(0, D), {}, ValueError, "at least one task"),
+    (torch.ones(B, E, D, dtype=torch.int32), _h(T, D), {}, TypeError, "h must be a floating-point"),
+    (_h(B, E, D), torch.ones(T, D, dtype=torch.int64), {}, TypeError, "context must be a floating-point"),
+    (_h(B, E, D, dtype=torch.float64), _h(T, D), {}, TypeError, "float64 is accepted only by fused_gate.reference"),
+    ([1.0], _h(T, D), {}, TypeError, "h must be a torch.Tensor"),
+    (_h(B, E, D), _h(T, D), {"mask": torch.ones(T, E)}, TypeError, "mask must have dtype torch.bool"),
+    (_h(B, E, D), _h(T, D), {"mask": torch.ones(T, E + 1, dtype=torch.bool)}, ValueError, "mask must have shape"),
+    (_h(B, E, D), _h(T, D), {"mask": [[True]]}, TypeError, "mask must be a bool torch.Tensor"),
+    (_h(B, E, D), _h(T, D), {"top_k": 0}, ValueError, "top_k must be in 1..E"),
+    (_h(B, E, D), _h(T, D), {"top_k": E + 1}, ValueError, "top_k must be in 1..E"),
+    (_h(B, E, D), _h(T, D), {"top_k": 1.5}, TypeError, "top_k must be an int"),
+    (_h(B, E, D), _h(T, D), {"scale": -1.0}, ValueError, "scale must be a finite positive"),
+    (_h(B, E, D), _h(T, D), {"scale": "big"}, TypeError, "scale must be a float"),
+    (_h(B, MAX_EXPERTS + 1, 2), _h(T, 2), {}, ValueError, f"E <= {MAX_EXPERTS}"),
+    (_h(B, E, D), _h(MAX_TASKS + 1, D), {}, ValueError, f"T <= {MAX_TASKS}"),
+    (_h(B, E, D), _h(T, D), {"mask": torch.ones(T, E, dtype=torch.bool, device="meta")}, ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize(("h", "context", "kwargs", "exc", "message"), ATTENTION_CASES)
+def test_attention_mix_rejects(h, context, kwargs, exc, message):
+    with pytest.raises(exc, match=message.replace("[", r"\[").replace(".", r"\.")):
+        fg.attention_mix(h, context, **kwargs)
+
+
+def test_reference_accepts_float64():
+    y = fg.reference.attention_mix(_h(B, E, D, dtype=torch.float64), _h(T, D, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+SOFTMAX_CASES = [
+    (_h(B, T), _h(B, E, D), {}, ValueError, "logits must be 3-D"),
+    (_h(B, T, E + 1), _h(B, E, D), {}, ValueError, "logits must be \\[B, T, E\\]"),
+    (_h(B + 1, T, E), _h(B, E, D), {}, ValueError, "logits must be \\[B, T, E\\]"),
+    (_h(B, T, E), _h(B, E, D), {"temperature": 0.0}, ValueError, "temperature must be a finite positive"),
+    (_h(B, T, E), _h(B, E, D), {"top_k": E + 1}, ValueError, "top_k must be in 1..E"),
+    (torch.ones(B, T, E, dtype=torch.int32), _h(B, E, D), {}, TypeError, "logits must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize(("logits", "h", "kwargs", "exc", "message"), SOFTMAX_CASES)
+def test_softmax_mix_rejects(logits, h, kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        fg.softmax_mix(logits, h, **kwargs)
+
+
+def test_module_rejects_bad_list():
+    gate = fg.AttentionMix(T, D)
+    with pytest.raises(ValueError, match="same shape"):
+        gate([_h(B, D), _h(B, D + 1)])
+    with pytest.raises(TypeError, match="non-empty list"):
+        gate([])
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        fg.AttentionMix(T, D, mask=torch.ones(T + 1, E, dtype=torch.bool))
