@@ -41,8 +41,18 @@ ATTENTION_CASES = [
 ]
 
 
+def _to(device, x):
+    """Move test inputs to the device under test (the kernel path), leaving meta tensors be."""
+    if isinstance(x, torch.Tensor) and x.device.type != "meta":
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(device, v) for k, v in x.items()}
+    return x
+
+
 @pytest.mark.parametrize(("h", "context", "kwargs", "exc", "message"), ATTENTION_CASES)
-def test_attention_mix_rejects(h, context, kwargs, exc, message):
+def test_attention_mix_rejects(h, context, kwargs, exc, message, device):
+    h, context, kwargs = _to(device, h), _to(device, context), _to(device, kwargs)
     with pytest.raises(exc, match=message.replace("[", r"\[").replace(".", r"\.")):
         fg.attention_mix(h, context, **kwargs)
 
@@ -63,9 +73,9 @@ SOFTMAX_CASES = [
 
 
 @pytest.mark.parametrize(("logits", "h", "kwargs", "exc", "message"), SOFTMAX_CASES)
-def test_softmax_mix_rejects(logits, h, kwargs, exc, message):
+def test_softmax_mix_rejects(logits, h, kwargs, exc, message, device):
     with pytest.raises(exc, match=message):
-        fg.softmax_mix(logits, h, **kwargs)
+        fg.softmax_mix(_to(device, logits), _to(device, h), **kwargs)
 
 
 def test_module_rejects_bad_list():
