@@ -7,9 +7,19 @@ holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
 """
 
 from fused_gate import reference
+from fused_gate.layers import PLE, MMoE, SoftmaxGate
 from fused_gate.modules import AttentionMix
 from fused_gate.ops import attention_mix, softmax_mix, uses_kernels
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionMix", "attention_mix", "reference", "softmax_mix", "uses_kernels"]
+__all__ = [
+    "PLE",
+    "AttentionMix",
+    "MMoE",
+    "SoftmaxGate",
+    "attention_mix",
+    "reference",
+    "softmax_mix",
+    "uses_kernels",
+]

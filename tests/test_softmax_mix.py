@@ -39,7 +39,7 @@ def test_matches_reference(shape, dtype, device):
     _check(*shape, dtype, device)
 
 
-@pytest.mark.parametrize("top_k", [None, 1, 3])
+@pytest.mark.parametrize("top_k", [None, 1, 3, 6])
 def test_temperature_mask_top_k_and_weight_gradient(top_k, device):
     mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(2)) > 0.3
     mask[1] = False
