@@ -101,3 +101,16 @@ class KernelLaunch:
 
     def launch(self) -> None:
         self.kernel[self.grid](*self.args, **self.meta)
+
+
+def row_strides(x: torch.Tensor | None) -> tuple[int, int, int]:
+    """Strides of ``x`` read as ``[B, T, X]``: a ``[T, X]`` tensor is shared by every row (row stride 0);
+    an absent tensor gives zeros."""
+    if x is None:
+        return (0, 0, 0)
+    return tuple(x.stride()) if x.dim() == 3 else (0, *x.stride())
+
+
+def mask_operand(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The bool mask as the ``uint8`` view the kernels load (same storage, no copy)."""
+    return mask.view(torch.uint8) if mask is not None else None

@@ -21,7 +21,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_gate.kernels.config import REDUCE_BLOCK, KernelLaunch, max_persistent_programs, tile_config
+from fused_gate.kernels.config import (
+    REDUCE_BLOCK,
+    KernelLaunch,
+    mask_operand,
+    max_persistent_programs,
+    row_strides,
+    tile_config,
+)
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     gate_weights,
@@ -381,10 +388,7 @@ def plan_backward(
     else:
         ws = dq
         dq_strides = (dq.stride(0), dq.stride(1))
-    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
-    m = mask.view(torch.uint8) if mask is not None else None
-    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
-    gp_strides = grad_p.stride() if grad_p is not None else (0, 0, 0)
+    m = mask_operand(mask)
     args = (
         h,
         q,
@@ -400,10 +404,10 @@ def plan_backward(
         scale,
         top_k or 0,
         *h.stride(),
-        *q_strides,
-        *m_strides,
+        *row_strides(q),
+        *row_strides(m),
         *grad_y.stride(),
-        *gp_strides,
+        *row_strides(grad_p),
         dh.stride(0),
         dh.stride(1),
         *dq_strides,

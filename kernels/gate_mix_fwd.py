@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_gate.kernels.config import KernelLaunch, tile_config
+from fused_gate.kernels.config import KernelLaunch, mask_operand, row_strides, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     gate_weights,
@@ -198,9 +198,7 @@ def plan_forward(
     if batch == 0:
         return y, p, []
     cfg = tile_config(experts, dim, tasks, backward=False)
-    q_strides = q.stride() if q.dim() == 3 else (0, *q.stride())
-    m = mask.view(torch.uint8) if mask is not None else None
-    m_strides = (m.stride() if m.dim() == 3 else (0, *m.stride())) if m is not None else (0, 0, 0)
+    m = mask_operand(mask)
     p_arg = p if p is not None else y
     args = (
         h,
@@ -214,8 +212,8 @@ def plan_forward(
         scale,
         top_k or 0,
         *h.stride(),
-        *q_strides,
-        *m_strides,
+        *row_strides(q),
+        *row_strides(m),
         y.stride(0),
         y.stride(1),
         p_arg.stride(0),
