@@ -1,121 +1,188 @@
-"""Demo: the fused attention gate against the plain-PyTorch reference, checked and timed.
+"""Demo: MMoE with the classic softmax gate vs the attention gate, on the MMoE paper's synthetic tasks.
 
-    python -m fused_gate.demo [--batch B --experts E --dim D --tasks T --dtype bf16 --repeats N]
+    python -m fused_gate.demo [--correlations 0.5 0.9 1.0 --seeds 3 --steps 1500 --device cuda]
 
-For each shape it runs forward + backward of ``fused_gate.attention_mix`` (the Triton kernels) and of
-``fused_gate.reference.attention_mix`` (eager PyTorch), reports the largest error of each against a
-float64 run, and the median time per forward+backward of each on the same device. Without a GPU the
-demo restarts itself with ``TRITON_INTERPRET=1`` so the real kernels run, interpreted on the CPU:
-the correctness check is the real one, while the CPU timings only show that interpretation is slow
-(the speed claims are measured on a GPU by ``bench/``).
+For each task correlation and seed both models start from the same seed, see the same batches and
+train for the same number of steps (Adam, MSE per task). The demo prints each gate's final per-task
+test loss (mean over seeds) and the time per training step of the gate op alone, fused vs the
+plain-PyTorch reference, on the chosen device. It writes a PNG of the test-loss curves. The setup
+follows the paper: d = 100 inputs, 8 experts of one 16-unit layer, 8-unit towers.
+
+On a CPU without ``TRITON_INTERPRET=1`` the fused ops fall back to the reference, so training runs at
+eager speed and the gate timing is not meaningful: the kernels need a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+from torch import nn
 
 import fused_gate as fg
-from fused_gate.kernels import INTERPRETED
+from fused_gate.synthetic import make_tasks
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GATES = ("softmax", "attention")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fused_gate.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: by device)")
+    parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per correlation")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=50000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--input-dim", type=int, default=100)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=None, help="expert width D (default: by device)")
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
-    gpu = args.device.startswith("cuda")
-    args.batch = args.batch or ([256, 4096, 65536] if gpu else [64, 512])
-    args.dim = args.dim or (256 if gpu else 64)
-    args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    args.repeats = args.repeats or (50 if gpu else 5)
-    return args
+    parser.add_argument("--expert-hidden", type=int, default=16)
+    parser.add_argument("--tower-hidden", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the loss-curve PNG")
+    return parser.parse_args(argv)
 
 
-def _step(fn, h, context, grad_y):
-    h.grad = context.grad = None
-    fn(h, context).backward(grad_y)
-    return h.grad, context.grad
+class _Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = width * self.done // self.total
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label:<28} {elapsed:5.0f}s elapsed, ~{eta:4.0f}s left")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
-def _median_ms(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up (compiles the kernels on first use)
+def _train(args, gate: str, x, y, x_test, y_test, seed: int) -> tuple[list[float], list[float]]:
+    """Train one MMoE; returns the test-loss curve (mean over tasks) and the final per-task test MSE."""
+    torch.manual_seed(seed)
+    model = fg.MMoE(args.input_dim, args.experts, args.expert_hidden, 2, gate=gate, tower_hidden=args.tower_hidden).to(
+        args.device
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    order = torch.Generator().manual_seed(seed)
+    curve = []
+    for step in range(args.steps):
+        idx = torch.randint(0, x.shape[0], (args.batch_size,), generator=order).to(args.device)
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            with torch.no_grad():
+                curve.append(nn.functional.mse_loss(model(x_test), y_test).item())
+    with torch.no_grad():
+        per_task = ((model(x_test) - y_test) ** 2).mean(0).tolist()
+    return curve, per_task
+
+
+def _gate_step_ms(args, fn, repeats: int = 20) -> float:
+    """Median time of the gate op alone (forward + backward) at the training batch shape."""
+    h = torch.randn(args.batch_size, args.experts, args.expert_hidden, device=args.device, requires_grad=True)
+    context = torch.randn(2, args.expert_hidden, device=args.device, requires_grad=True)
     times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
+    for i in range(repeats + 1):
+        if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
+        t0 = time.perf_counter()
+        fn(h, context).sum().backward()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:  # the first call compiles the kernels
             times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
-def _max_error(outputs, exact) -> float:
-    return max((a.double() - b).abs().max().item() for a, b in zip(outputs, exact, strict=True))
+def _plot(curves: dict, args: argparse.Namespace) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'fused_gate[bench]')")
+        return None
+    fig, axes = plt.subplots(1, len(args.correlations), figsize=(4.5 * len(args.correlations), 3.6), squeeze=False)
+    for ax, corr in zip(axes[0], args.correlations, strict=True):
+        for gate in GATES:
+            runs = curves[(corr, gate)]
+            mean = [statistics.fmean(vals) for vals in zip(*runs, strict=True)]
+            steps = [min((i + 1) * args.eval_every, args.steps) for i in range(len(mean))]
+            ax.plot(steps, mean, label=f"{gate} gate")
+        ax.set_title(f"task correlation p = {corr}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("test MSE (mean of 2 tasks)")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.suptitle(f"MMoE on the MMoE paper's synthetic data, mean of {args.seeds} seeds")
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "mmoe_gates_loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
-def run(args: argparse.Namespace) -> None:
-    mode = "Triton kernels" if args.device.startswith("cuda") else "Triton kernels, interpreted on CPU"
-    print(f"fused_gate demo: attention gate, {mode}; torch {torch.__version__}, device {args.device}")
-    print(f"E={args.experts} experts, D={args.dim}, T={args.tasks} tasks, dtype={args.dtype}\n")
-    header = f"{'B':>7} {'max err fused':>14} {'max err eager':>14} {'fused ms':>10} {'eager ms':>10} {'speedup':>8}"
-    print(header)
-    print("-" * len(header))
-    gen = torch.Generator().manual_seed(0)
-    for batch in args.batch:
-        h = torch.randn(batch, args.experts, args.dim, generator=gen).to(args.device, args.dtype)
-        context = torch.randn(args.tasks, args.dim, generator=gen).to(args.device, args.dtype)
-        grad_y = torch.randn(batch, args.tasks, args.dim, generator=gen).to(args.device, args.dtype)
-        h.requires_grad_()
-        context.requires_grad_()
+def run(args: argparse.Namespace) -> dict:
+    """Train every (correlation, gate, seed); print the tables; return the results."""
+    kernels = fg.uses_kernels(torch.empty(0, device=args.device))
+    print(f"fused_gate demo: MMoE, softmax gate vs attention gate; device {args.device}, torch {torch.__version__}")
+    print(
+        f"d={args.input_dim}, {args.experts} experts x {args.expert_hidden} units, towers {args.tower_hidden}, "
+        f"{args.steps} steps of {args.batch_size}, {args.seeds} seeds, Adam lr {args.lr}\n"
+    )
+    progress = _Progress(len(args.correlations) * len(GATES) * args.seeds)
+    curves: dict = {}
+    finals: dict = {}
+    for corr in args.correlations:
+        for seed in range(args.seeds):
+            gen = torch.Generator().manual_seed(1000 + seed)
+            x, y = make_tasks(args.train_size + args.test_size, args.input_dim, corr, gen)
+            x, y = x.to(args.device), y.to(args.device)
+            train, test = slice(0, args.train_size), slice(args.train_size, None)
+            for gate in GATES:
+                curve, per_task = _train(args, gate, x[train], y[train], x[test], y[test], seed)
+                curves.setdefault((corr, gate), []).append(curve)
+                finals.setdefault((corr, gate), []).append(per_task)
+                progress.step(f"p={corr} {gate} seed {seed}")
 
-        hd, cd = h.detach().double().requires_grad_(), context.detach().double().requires_grad_()
-        y_exact = fg.reference.attention_mix(hd, cd)
-        y_exact.backward(grad_y.double())
-        exact = (y_exact, hd.grad, cd.grad)
+    print(f"\nFinal test MSE per task (mean over {args.seeds} seeds; lower is better)")
+    print(f"{'p':>5} | {'softmax: task 1':>15} {'task 2':>8} | {'attention: task 1':>17} {'task 2':>8}")
+    for corr in args.correlations:
+        cells = []
+        for gate in GATES:
+            runs = finals[(corr, gate)]
+            cells.append([statistics.fmean(r[k] for r in runs) for k in range(2)])
+        print(f"{corr:>5} | {cells[0][0]:>15.4f} {cells[0][1]:>8.4f} | {cells[1][0]:>17.4f} {cells[1][1]:>8.4f}")
 
-        results = {}
-        for name, fn in (("fused", fg.attention_mix), ("eager", fg.reference.attention_mix)):
-            y = fn(h, context)
-            grads = _step(fn, h, context, grad_y)
-            err = _max_error((y, *grads), exact)
-            ms = _median_ms(functools.partial(_step, fn, h, context, grad_y), args.repeats, args.device)
-            results[name] = (err, ms)
-        (err_f, ms_f), (err_e, ms_e) = results["fused"], results["eager"]
-        print(f"{batch:>7} {err_f:>14.2e} {err_e:>14.2e} {ms_f:>10.3f} {ms_e:>10.3f} {ms_e / ms_f:>7.2f}x")
-    print("\nErrors are the largest absolute difference of Y, dH and dC from a float64 run.")
-    if not args.device.startswith("cuda"):
-        print("CPU timings measure Triton's interpreter, not the kernels' speed: run on a GPU for real numbers.")
+    fused = _gate_step_ms(args, fg.attention_mix)
+    reference = _gate_step_ms(args, fg.reference.attention_mix)
+    print(f"\nAttention gate op, forward + backward at [{args.batch_size}, {args.experts}, {args.expert_hidden}]:")
+    print(f"  fused {fused:.3f} ms, reference {reference:.3f} ms per step on {args.device}")
+    if not kernels:
+        print("  (no kernels on this device: the fused op ran the reference; use a GPU for the kernels' speed)")
+    path = _plot(curves, args)
+    if path:
+        print(f"\nLoss curves: {path}")
+    return {"finals": finals, "curves": curves, "gate_ms": {"fused": fused, "reference": reference}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parse(argv)
-    if args.device == "cpu" and not INTERPRETED:
-        # The kernels only run on CPU through Triton's interpreter, which must be chosen before
-        # triton is imported: restart this demo with it switched on.
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "fused_gate.demo", *argv], env)
-    run(args)
+def main(argv: list[str] | None = None) -> dict:
+    return run(_parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

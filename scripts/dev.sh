@@ -20,8 +20,8 @@ if ! "$VPY" -c 'import torch, triton' 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "torch==2.13.0" "triton==3.6.0" "setuptools>=69"
 fi
-if ! "$VPY" -c 'import fused_gate, pytest, hypothesis' 2>/dev/null; then
-  "$VPY" -m pip install -q --no-build-isolation -e ".[test]"
+if ! "$VPY" -c "import fused_gate, pytest, hypothesis, matplotlib" 2>/dev/null; then
+  "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench]"
 fi
 
 cmd=${1:-test}

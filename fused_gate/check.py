@@ -1,0 +1,122 @@
+"""Check: the fused attention gate against the plain-PyTorch reference, errors and timings.
+
+    python -m fused_gate.check [--batch B --experts E --dim D --tasks T --dtype bf16 --repeats N]
+
+For each shape it runs forward + backward of ``fused_gate.attention_mix`` (the Triton kernels) and of
+``fused_gate.reference.attention_mix`` (eager PyTorch), reports the largest error of each against a
+float64 run, and the median time per forward+backward of each on the same device. Without a GPU the
+check restarts itself with ``TRITON_INTERPRET=1`` so the real kernels run, interpreted on the CPU:
+the correctness check is the real one, while the CPU timings only show that interpretation is slow
+(the speed claims are measured on a GPU by ``bench/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import fused_gate as fg
+from fused_gate.kernels import INTERPRETED
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fused_gate.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: by device)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=None, help="expert width D (default: by device)")
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.batch = args.batch or ([256, 4096, 65536] if gpu else [64, 512])
+    args.dim = args.dim or (256 if gpu else 64)
+    args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    args.repeats = args.repeats or (50 if gpu else 5)
+    return args
+
+
+def _step(fn, h, context, grad_y):
+    h.grad = context.grad = None
+    fn(h, context).backward(grad_y)
+    return h.grad, context.grad
+
+
+def _median_ms(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up (compiles the kernels on first use)
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _max_error(outputs, exact) -> float:
+    return max((a.double() - b).abs().max().item() for a, b in zip(outputs, exact, strict=True))
+
+
+def run(args: argparse.Namespace) -> None:
+    mode = "Triton kernels" if args.device.startswith("cuda") else "Triton kernels, interpreted on CPU"
+    print(f"fused_gate check: attention gate, {mode}; torch {torch.__version__}, device {args.device}")
+    print(f"E={args.experts} experts, D={args.dim}, T={args.tasks} tasks, dtype={args.dtype}\n")
+    header = f"{'B':>7} {'max err fused':>14} {'max err eager':>14} {'fused ms':>10} {'eager ms':>10} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batch:
+        h = torch.randn(batch, args.experts, args.dim, generator=gen).to(args.device, args.dtype)
+        context = torch.randn(args.tasks, args.dim, generator=gen).to(args.device, args.dtype)
+        grad_y = torch.randn(batch, args.tasks, args.dim, generator=gen).to(args.device, args.dtype)
+        h.requires_grad_()
+        context.requires_grad_()
+
+        hd, cd = h.detach().double().requires_grad_(), context.detach().double().requires_grad_()
+        y_exact = fg.reference.attention_mix(hd, cd)
+        y_exact.backward(grad_y.double())
+        exact = (y_exact, hd.grad, cd.grad)
+
+        results = {}
+        for name, fn in (("fused", fg.attention_mix), ("eager", fg.reference.attention_mix)):
+            y = fn(h, context)
+            grads = _step(fn, h, context, grad_y)
+            err = _max_error((y, *grads), exact)
+            ms = _median_ms(functools.partial(_step, fn, h, context, grad_y), args.repeats, args.device)
+            results[name] = (err, ms)
+        (err_f, ms_f), (err_e, ms_e) = results["fused"], results["eager"]
+        print(f"{batch:>7} {err_f:>14.2e} {err_e:>14.2e} {ms_f:>10.3f} {ms_e:>10.3f} {ms_e / ms_f:>7.2f}x")
+    print("\nErrors are the largest absolute difference of Y, dH and dC from a float64 run.")
+    if not args.device.startswith("cuda"):
+        print("CPU timings measure Triton's interpreter, not the kernels' speed: run on a GPU for real numbers.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    if args.device == "cpu" and not INTERPRETED:
+        # The kernels only run on CPU through Triton's interpreter, which must be chosen before
+        # triton is imported: restart with it switched on.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, "-m", "fused_gate.check", *argv], env)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
