@@ -382,12 +382,8 @@ def plan_backward(
     num_blocks = triton.cdiv(batch, cfg.rows)
     programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    if shared_context:
-        ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32)
-        dq_strides = (0, 0)
-    else:
-        ws = dq
-        dq_strides = (dq.stride(0), dq.stride(1))
+    # A shared context's dC is written by the reduction kernel; the main kernel only fills the slots.
+    ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32) if shared_context else dq
     m = mask_operand(mask)
     args = (
         h,
@@ -410,7 +406,8 @@ def plan_backward(
         *row_strides(grad_p),
         dh.stride(0),
         dh.stride(1),
-        *dq_strides,
+        dq.stride(0),
+        dq.stride(1),
     )
     meta = dict(
         ATTENTION=attention,
