@@ -1,17 +1,20 @@
 """Test set-up: run the real Triton kernels, on CUDA when present, else through the interpreter.
 
-``TRITON_INTERPRET=1`` must be in the environment before triton is imported, which is why it is set
-here, at the top of the first module pytest loads.
+Without a GPU, ``TRITON_INTERPRET=1`` must be in the environment before the kernels are defined,
+which is why it is set here, at the top of the first module pytest loads (importing torch does not
+import triton). On a GPU it is left unset so the tests run the compiled kernels on CUDA.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 from fused_gate.kernels import INTERPRETED
 
