@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set-up-to-result commands for a fresh clone (the README's two commands, and what CI runs):
-#   bash scripts/dev.sh demo [demo options]   check the fused op against the reference and time both
-#   bash scripts/dev.sh test [pytest options] the whole test suite (real kernels; interpreted without a GPU)
-# Creates ./.venv on first use. An interpreter that already has torch >= 2.11 (a GPU machine) keeps
-# its torch: the venv then sees the system site-packages and nothing replaces torch.
+# Set-up-to-result commands for a fresh clone (the README's commands, and what CI runs):
+#   bash scripts/dev.sh demo [demo options]    train MMoE with the softmax gate and the attention gate
+#   bash scripts/dev.sh test [pytest options]  the whole test suite (real kernels; interpreted without a GPU)
+#   bash scripts/dev.sh bench [bench options]  the benchmark suite and its report under bench/results/
+# Creates ./.venv on first use. An interpreter that already has torch >= 2.11 (a GPU machine, maybe
+# offline) keeps its torch and its packages: the venv then sees the system site-packages and the
+# package is installed with --no-deps, so nothing is downloaded and nothing replaces torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,12 +18,18 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 VPY=.venv/bin/python
-if ! "$VPY" -c 'import torch, triton' 2>/dev/null; then
-  "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q "torch==2.13.0" "triton==3.6.0" "setuptools>=69"
-fi
-if ! "$VPY" -c "import fused_gate, pytest, hypothesis, matplotlib" 2>/dev/null; then
-  "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench]"
+if grep -q "include-system-site-packages = true" .venv/pyvenv.cfg; then
+  if ! "$VPY" -c "import fused_gate" 2>/dev/null; then
+    "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+  fi
+else
+  if ! "$VPY" -c 'import torch, triton' 2>/dev/null; then
+    "$VPY" -m pip install -q --upgrade pip
+    "$VPY" -m pip install -q "torch==2.13.0" "triton==3.6.0" "setuptools>=69"
+  fi
+  if ! "$VPY" -c "import fused_gate, pytest, hypothesis, pytest_benchmark, matplotlib" 2>/dev/null; then
+    "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench]"
+  fi
 fi
 
 cmd=${1:-test}
@@ -29,5 +37,6 @@ shift || true
 case "$cmd" in
   demo) exec "$VPY" -m fused_gate.demo "$@" ;;
   test) exec "$VPY" -m pytest tests -q -W ignore::DeprecationWarning "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test} [options]" >&2; exit 2 ;;
+  bench) exec "$VPY" -m bench.run "$@" ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|bench} [options]" >&2; exit 2 ;;
 esac

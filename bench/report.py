@@ -1,0 +1,273 @@
+"""Turn pytest-benchmark JSON runs of ``bench/`` into a Markdown report and PNG plots.
+
+    python -m bench.report RUN.json [RUN.json ...] [--out DIR]
+
+For every case (op, pass, dtype, shape) the fused kernels' median time gives
+``GB/s = floor bytes / median`` (``bench/cases.py`` defines the floors), its share of the copy
+bandwidth measured in the same run (a device copy of the same byte count), and its speedup over each
+peer (``peer median / fused median``). The report checks the SPEC section 6 targets, lists every case,
+and is stamped with the device, torch/triton versions, date and the exact command of each run.
+Output (default ``bench/results/<date>_<device>/``): ``README.md``, ``gbps_<op>_<dtype>.png``
+(GB/s against B, one panel per pass and D, median over E and T) and ``speedup_<op>_<dtype>.png``
+(geometric-mean speedup over each peer, per B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.cases import PASSES, PEERS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEER_TITLES = {"eager": "eager", "compile": "compile", "compile-max": "compile max-autotune", "sdpa": "SDPA"}
+
+
+@dataclass
+class Case:
+    """One (op, pass, dtype, shape) with the median seconds and peak bytes of each implementation."""
+
+    op: str
+    pass_: str
+    dtype: str
+    B: int
+    E: int
+    T: int
+    D: int
+    bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak: dict[str, int | None] = field(default_factory=dict)
+
+    def gbps(self, impl: str = "fused") -> float | None:
+        seconds = self.seconds.get(impl)
+        return None if seconds is None else self.bytes / seconds / 1e9
+
+    def copy_fraction(self) -> float | None:
+        fused, copy = self.gbps(), self.gbps("copy")
+        return None if fused is None or copy is None else fused / copy
+
+    def speedup(self, peer: str) -> float | None:
+        if "fused" not in self.seconds or peer not in self.seconds:
+            return None
+        return self.seconds[peer] / self.seconds["fused"]
+
+
+def load_runs(paths: Iterable[Path]) -> tuple[list[dict], list[Case]]:
+    """The runs' stamps and their cases (a later run's measurement of the same case wins)."""
+    stamps, cases = [], {}
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        info = run["machine_info"].get("fused_gate")
+        if info is None:
+            raise ValueError(f"{path}: not a fused_gate bench run (no machine_info.fused_gate)")
+        stamps.append({**info, "date": run["datetime"], "commit": run.get("commit_info", {}).get("id"), "file": path})
+        for bench in run["benchmarks"]:
+            x = bench["extra_info"]
+            key = (x["op"], x["pass"], x["dtype"], x["B"], x["E"], x["T"], x["D"])
+            case = cases.setdefault(key, Case(*key))
+            if x["impl"] != "copy":
+                case.bytes = x["bytes"]
+            case.seconds[x["impl"]] = bench["stats"]["median"]
+            case.peak[x["impl"]] = x.get("peak_memory_bytes")
+    return stamps, sorted(cases.values(), key=lambda c: (c.op, PASSES.index(c.pass_), c.dtype, c.E, c.T, c.D, c.B))
+
+
+def select(cases: Iterable[Case], metric: Callable[[Case], float | None], **where: object) -> list[float]:
+    """``metric(case)`` for the cases whose attributes equal ``where``, skipping cases without a value."""
+    values = []
+    for case in cases:
+        if all(getattr(case, k) == v for k, v in where.items()) and (value := metric(case)) is not None:
+            values.append(value)
+    return values
+
+
+def geomean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def target_rows(cases: list[Case]) -> list[tuple[str, str, str]]:
+    """SPEC section 6 targets: (target, measured, met) for the cases present in the run."""
+    rows = []
+    for op in sorted({c.op for c in cases}):
+        mine = [c for c in cases if c.op == op]
+        largest_b = max(c.B for c in mine)
+        for pass_, goal in (("fwd", 0.9), ("bwd", 0.8)):
+            fractions = select(mine, Case.copy_fraction, pass_=pass_, B=largest_b)
+            if fractions:
+                low, mid = min(fractions), statistics.median(fractions)
+                rows.append(
+                    (
+                        f"{op} {pass_} ≥ {goal:.0%} of copy bandwidth (B = {largest_b})",
+                        f"min {low:.0%}, median {mid:.0%} over {len(fractions)} shapes",
+                        "yes" if low >= goal else "no",
+                    )
+                )
+        for peer, goal in (("eager", 2.0), ("compile-max", 1.5), ("sdpa", 2.0)):
+            speedups = select(mine, lambda c, peer=peer: c.speedup(peer), pass_="fwd+bwd")
+            if speedups:
+                rows.append(
+                    (
+                        f"{op} fwd+bwd ≥ {goal:g}x {PEER_TITLES[peer]}",
+                        f"min {min(speedups):.2f}x, geomean {geomean(speedups):.2f}x over {len(speedups)} shapes",
+                        "yes" if min(speedups) >= goal else "no",
+                    )
+                )
+        small = select(mine, lambda c: c.seconds.get("fused"), pass_="fwd", B=256)
+        if small:
+            rows.append(
+                (
+                    f"{op} fwd at B = 256 ≤ ~10 µs",
+                    f"max {max(small) * 1e6:.1f} µs over {len(small)} shapes",
+                    "yes" if max(small) <= 10e-6 else "no",
+                )
+            )
+    return rows
+
+
+def markdown(stamps: list[dict], cases: list[Case], images: list[str]) -> str:
+    first = stamps[0]
+    lines = [f"# fused_gate benchmarks: {first['device']}", ""]
+    if any(s["interpreted"] for s in stamps):
+        lines += ["**CPU smoke run through the Triton interpreter: these numbers are not kernel speeds.**", ""]
+    lines += [
+        f"- device: {first['device']}",
+        f"- torch {first['torch']}, triton {first['triton']}, CUDA {first['cuda']}",
+    ]
+    for stamp in stamps:
+        lines.append(f"- run {stamp['date']} (commit {str(stamp['commit'])[:10]}): `{stamp['command']}`")
+    lines += [
+        "",
+        "GB/s = the pass's floor bytes / median time (`bench/cases.py`); % copy = that against a device copy "
+        "of the same bytes timed in the same run; x peer = peer median / fused median (above 1: fused is "
+        "faster); peak = device memory one call allocates beyond its inputs.",
+        "",
+    ]
+    rows = target_rows(cases)
+    if rows:
+        lines += ["## SPEC section 6 targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += [f"| {t} | {m} | {ok} |" for t, m, ok in rows]
+        lines.append("")
+    lines += [f"![{name}]({name})" for name in images]
+    lines.append("")
+    groups: dict[tuple[str, str], list[Case]] = defaultdict(list)
+    for case in cases:
+        groups[case.op, case.pass_].append(case)
+    for (op, pass_), group in groups.items():
+        peers = [p for p in PEERS if any(p in c.seconds for c in group)]
+        head = ["dtype", "B", "E", "T", "D", "fused µs", "GB/s", "% copy", *[f"x {PEER_TITLES[p]}" for p in peers]]
+        head += ["peak MiB fused", "peak MiB eager"]
+        lines += [f"## {op} {pass_}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for c in group:
+            fused = c.seconds.get("fused")
+            cells = [c.dtype, c.B, c.E, c.T, c.D, _fmt(None if fused is None else fused * 1e6, ".1f")]
+            cells += [_fmt(c.gbps(), ".3g"), _fmt(c.copy_fraction(), ".0%")]
+            cells += [_fmt(c.speedup(p), ".2f", "x") for p in peers]
+            cells += [_mib(c.peak.get("fused")), _mib(c.peak.get("eager"))]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(cases: list[Case], out: Path) -> list[str]:
+    """Write the GB/s and speedup figures; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for op, dtype in sorted({(c.op, c.dtype) for c in cases}):
+        mine = [c for c in cases if c.op == op and c.dtype == dtype]
+        passes = [p for p in PASSES if any(c.pass_ == p for c in mine)]
+        dims = sorted({c.D for c in mine})
+        impls = ["fused", *[p for p in PEERS if any(p in c.seconds for c in mine)], "copy"]
+        batches = sorted({c.B for c in mine})
+
+        fig, axes = plt.subplots(len(passes), len(dims), figsize=(3.2 * len(dims), 2.8 * len(passes)), squeeze=False)
+        for row, pass_ in enumerate(passes):
+            for col, d in enumerate(dims):
+                ax = axes[row][col]
+                for impl in impls:
+                    by_b = {b: select(mine, lambda c, impl=impl: c.gbps(impl), pass_=pass_, D=d, B=b) for b in batches}
+                    xs = [b for b in batches if by_b[b]]
+                    style = {"fused": "-o", "copy": "k--"}.get(impl, ":.")
+                    ax.plot(xs, [statistics.median(by_b[b]) for b in xs], style, label=impl)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"{pass_}, D = {d}", fontsize=9)
+                ax.set_xlabel("B")
+                if col == 0:
+                    ax.set_ylabel("GB/s (median over E, T)")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{op} {dtype}: achieved GB/s")
+        fig.tight_layout()
+        names.append(f"gbps_{op}_{dtype}.png")
+        fig.savefig(out / names[-1], dpi=110)
+        plt.close(fig)
+
+        peers = impls[1:-1]
+        fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 3.2), squeeze=False)
+        width = 0.8 / max(1, len(batches))
+        for col, pass_ in enumerate(passes):
+            ax = axes[0][col]
+            for i, b in enumerate(batches):
+                heights = [geomean(select(mine, lambda c, p=p: c.speedup(p), pass_=pass_, B=b)) for p in peers]
+                ax.bar([j + i * width for j in range(len(peers))], heights, width, label=f"B = {b}")
+            ax.axhline(1.0, color="k", linewidth=0.8)
+            ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(peers))], peers, fontsize=8)
+            ax.set_yscale("log")
+            ax.set_title(pass_, fontsize=9)
+            if col == 0:
+                ax.set_ylabel("speedup of fused (geomean)")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{op} {dtype}: fused vs each peer")
+        fig.tight_layout()
+        names.append(f"speedup_{op}_{dtype}.png")
+        fig.savefig(out / names[-1], dpi=110)
+        plt.close(fig)
+    return names
+
+
+def results_dir(device: str, date: str) -> Path:
+    """``bench/results/<YYYY-MM-DD>_<device slug>``: one folder per device and day."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40].strip("-")
+    return RESULTS / f"{date[:10]}_{slug}"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="pytest-benchmark JSON files")
+    parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<date>_<device>/)")
+    args = parser.parse_args(argv)
+    stamps, cases = load_runs(args.runs)
+    if not cases:
+        parser.error("the runs hold no benchmark")
+    out = args.out or results_dir(stamps[0]["device"], stamps[0]["date"])
+    out.mkdir(parents=True, exist_ok=True)
+    for path in args.runs:
+        if path.resolve().parent != out.resolve():
+            shutil.copy(path, out / path.name)
+    images = plot(cases, out)
+    (out / "README.md").write_text(markdown(stamps, cases, images))
+    print(f"report: {out / 'README.md'} ({len(cases)} cases, {len(images)} plots)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

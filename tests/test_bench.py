@@ -1,0 +1,108 @@
+"""The benchmark suite as a smoke check: it runs end to end and its report holds every case.
+
+On the CPU the suite runs the ``smoke`` grid through the Triton interpreter; nothing here looks at a
+speed. The byte floors and the target logic of the report are checked on hand-made numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cases import GRIDS, PASSES, Shape, floor_bytes, impls_for
+from bench.report import Case, target_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_floor_bytes_match_the_spec():
+    shape = Shape(B=10, E=3, T=2, D=5)
+    h, y, c, z = 10 * 3 * 5 * 2, 10 * 2 * 5 * 2, 2 * 5 * 2, 10 * 2 * 3 * 2  # bf16: 2 bytes each
+    assert floor_bytes("attention_mix", "fwd", shape, torch.bfloat16) == h + y + c
+    assert floor_bytes("attention_mix", "bwd", shape, torch.bfloat16) == 2 * h + y + c
+    assert floor_bytes("softmax_mix", "fwd", shape, torch.bfloat16) == h + z + y
+    assert floor_bytes("softmax_mix", "bwd", shape, torch.bfloat16) == 2 * h + y + 2 * z
+    assert floor_bytes("softmax_mix", "fwd+bwd", shape, torch.float32) == 2 * (h + z + y + 2 * h + y + 2 * z)
+
+
+def test_spec_grid_is_the_spec_grid():
+    grid = GRIDS["spec"]
+    assert len(grid) == len(set(grid)) == 4 * 4 * 5 * 3
+    assert {s.E for s in grid} == {4, 8, 16, 64} and {s.T for s in grid} == {1, 2, 4, 8}
+    assert {s.D for s in grid} == {64, 128, 256, 512, 1024} and {s.B for s in grid} == {256, 4096, 65536}
+    assert "sdpa" in impls_for("attention_mix") and "sdpa" not in impls_for("softmax_mix")
+
+
+def _case(pass_: str, B: int, fused: float, **peers: float) -> Case:
+    return Case("attention_mix", pass_, "bf16", B, 8, 4, 256, bytes=1000, seconds={"fused": fused, **peers})
+
+
+def test_report_targets_say_met_only_when_every_shape_meets_them():
+    cases = [
+        _case("fwd", 65536, 1.0, copy=0.95),  # 95% of copy
+        _case("fwd", 65536, 1.0, copy=0.85),  # 85% of copy: below 90%
+        _case("bwd", 65536, 1.0, copy=0.9),
+        _case("fwd+bwd", 65536, 1.0, eager=3.0, **{"compile-max": 1.6, "sdpa": 1.9}),
+        _case("fwd", 256, 8e-6),
+    ]
+    rows = target_rows(cases)
+
+    def met(target: str) -> str:
+        (answer,) = [ok for text, _, ok in rows if text == target]
+        return answer
+
+    assert len(rows) == 6
+    assert met("attention_mix fwd ≥ 90% of copy bandwidth (B = 65536)") == "no"
+    assert met("attention_mix bwd ≥ 80% of copy bandwidth (B = 65536)") == "yes"
+    assert met("attention_mix fwd+bwd ≥ 2x eager") == "yes"
+    assert met("attention_mix fwd+bwd ≥ 1.5x compile max-autotune") == "yes"
+    assert met("attention_mix fwd+bwd ≥ 2x SDPA") == "no"
+    assert met("attention_mix fwd at B = 256 ≤ ~10 µs") == "yes"
+
+
+@pytest.mark.slow
+def test_bench_suite_runs_and_reports(tmp_path):
+    """``python -m bench.run`` (the README's command) times every case and writes the report.
+
+    Without a GPU the child inherits ``TRITON_INTERPRET=1`` from conftest, so the kernels run interpreted.
+    """
+    args = ["--out", str(tmp_path), "--grid", "smoke", "--dtypes", "fp32"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_json,) = tmp_path.glob("run-*.json")
+    run = json.loads(run_json.read_text())
+    assert run["machine_info"]["fused_gate"]["command"] == " ".join(["python -m bench.run", *args])
+    expected = {
+        (op, pass_, impl, shape.id)
+        for op in ("attention_mix", "softmax_mix")
+        for pass_ in PASSES
+        for impl in impls_for(op)
+        for shape in GRIDS["smoke"]
+    }
+    seen = set()
+    for bench in run["benchmarks"]:
+        x = bench["extra_info"]
+        seen.add((x["op"], x["pass"], x["impl"], Shape(x["B"], x["E"], x["T"], x["D"]).id))
+        assert x["bytes"] > 0 and x["gbps"] > 0
+    assert seen == expected
+
+    text = (tmp_path / "README.md").read_text()
+    assert "CPU smoke run" in text and "## SPEC section 6 targets" in text
+    for op in ("attention_mix", "softmax_mix"):
+        for pass_ in PASSES:
+            assert f"## {op} {pass_}\n" in text
+        for figure in ("gbps", "speedup"):
+            image = tmp_path / f"{figure}_{op}_fp32.png"
+            assert image.stat().st_size > 10_000
+            assert f"]({image.name})" in text
