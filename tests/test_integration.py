@@ -12,13 +12,7 @@ from torch.utils.checkpoint import checkpoint
 import fused_gate as fg
 
 from .conftest import DEVICE
-
-LAYERS = {
-    "mmoe_attention": lambda: fg.MMoE(10, 4, 8, 2, gate="attention", tower_hidden=4),
-    "mmoe_softmax": lambda: fg.MMoE(10, 4, 8, 2, gate="softmax", tower_hidden=4),
-    "ple_attention": lambda: fg.PLE(10, 2, 2, 1, 8, num_levels=2, gate="attention"),
-    "ple_softmax": lambda: fg.PLE(10, 2, 2, 1, 8, num_levels=2, gate="softmax"),
-}
+from .models import LAYERS
 
 
 def _grads(model, x):
