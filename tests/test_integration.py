@@ -89,16 +89,19 @@ def test_cuda_graph_capture_and_replay():
     gate = fg.AttentionMix(3, 64).cuda()
     h = torch.randn(256, 8, 64, device="cuda", requires_grad=True)
     graphed = torch.cuda.make_graphed_callables(gate, (h,))
-    for _ in range(3):
+    for _ in range(3):  # each replay reads new inputs through the graph's static buffers
         x = torch.randn(256, 8, 64, device="cuda", requires_grad=True)
+        gate.context.grad = None
         y = graphed(x)
         y.square().sum().backward()
+        graphed_context_grad = gate.context.grad.clone()
         xr = x.detach().clone().requires_grad_()
         gate.context.grad = None
         want = fg.attention_mix(xr, gate.context)
         want.square().sum().backward()
         torch.testing.assert_close(y, want)
         torch.testing.assert_close(x.grad, xr.grad)
+        torch.testing.assert_close(graphed_context_grad, gate.context.grad)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="B * E * D > 2**31 elements needs a GPU with > 8 GB free")
