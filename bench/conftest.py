@@ -98,14 +98,11 @@ def run_case(benchmark, request):
     config = request.config
     rounds = config.getoption("--rounds") or (10 if ON_CUDA else 2)
 
-    def run(op: str, pass_: str, impl: str, shape: Shape, dtype: str) -> None:
-        try:
-            inputs, grad_y = make_inputs(op, shape, DTYPES[dtype], DEVICE)
-            call = timed_call(op, pass_, impl, shape, inputs, grad_y)
-            iterations = iterations_for(call, config.getoption("--round-ms") / 1e3) if ON_CUDA else 1
-            peak = peak_memory_bytes(call)
-        except torch.OutOfMemoryError:
-            pytest.skip(f"{impl} {op} {pass_} {shape.id}: out of device memory")
+    def measure(op: str, pass_: str, impl: str, shape: Shape, dtype: str) -> None:
+        inputs, grad_y = make_inputs(op, shape, DTYPES[dtype], DEVICE)
+        call = timed_call(op, pass_, impl, shape, inputs, grad_y)
+        iterations = iterations_for(call, config.getoption("--round-ms") / 1e3) if ON_CUDA else 1
+        peak = peak_memory_bytes(call)
         nbytes = floor_bytes(op, pass_, shape, DTYPES[dtype])
         if impl == "copy":
             nbytes = 2 * (nbytes // 2)
@@ -114,7 +111,18 @@ def run_case(benchmark, request):
             {"op": op, "pass": pass_, "impl": impl, "dtype": dtype, "bytes": nbytes, **vars(shape)}
         )
         benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=1)
-        median = benchmark.stats.stats.median
-        benchmark.extra_info.update(peak_memory_bytes=peak, gbps=nbytes / median / 1e9, iterations=iterations)
+        if benchmark.stats is not None:  # None under --benchmark-disable, which runs each case once untimed
+            median = benchmark.stats.stats.median
+            benchmark.extra_info.update(peak_memory_bytes=peak, gbps=nbytes / median / 1e9, iterations=iterations)
+
+    def run(op: str, pass_: str, impl: str, shape: Shape, dtype: str) -> None:
+        try:
+            measure(op, pass_, impl, shape, dtype)
+            return
+        except torch.OutOfMemoryError:
+            pass
+        # Outside the handler, so the failed case's tensors are already released.
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl} {op} {pass_} {dtype} {shape.id}: out of device memory")
 
     return run
