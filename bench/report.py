@@ -185,62 +185,75 @@ def markdown(stamps: list[dict], cases: list[Case], images: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, axes, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_gbps(cases: list[Case], passes: list[str], impls: list[str], path: Path, title: str) -> None:
+    """GB/s against B: one panel per (pass, D), one line per implementation, median over E and T."""
+    import matplotlib.pyplot as plt
+
+    dims, batches = sorted({c.D for c in cases}), sorted({c.B for c in cases})
+    fig, axes = plt.subplots(len(passes), len(dims), figsize=(3.2 * len(dims), 2.8 * len(passes)), squeeze=False)
+    for row, pass_ in enumerate(passes):
+        for col, d in enumerate(dims):
+            ax = axes[row][col]
+            for impl in impls:
+                by_b = {b: select(cases, lambda c, impl=impl: c.gbps(impl), pass_=pass_, D=d, B=b) for b in batches}
+                xs = [b for b in batches if by_b[b]]
+                style = {"fused": "-o", "copy": "k--"}.get(impl, ":.")
+                ax.plot(xs, [statistics.median(by_b[b]) for b in xs], style, label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{pass_}, D = {d}", fontsize=9)
+            ax.set_xlabel("B")
+            if col == 0:
+                ax.set_ylabel("GB/s (median over E, T)")
+    _save(fig, axes, title, path)
+
+
+def _plot_speedup(cases: list[Case], passes: list[str], peers: list[str], path: Path, title: str) -> None:
+    """Geometric-mean speedup of the fused op over each peer: one panel per pass, one bar per B."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    batches = sorted({c.B for c in cases})
+    fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 3.2), squeeze=False)
+    width = 0.8 / len(batches)
+    for col, pass_ in enumerate(passes):
+        ax = axes[0][col]
+        for i, b in enumerate(batches):
+            heights = [geomean(select(cases, lambda c, p=p: c.speedup(p), pass_=pass_, B=b)) for p in peers]
+            ax.bar([j + i * width for j in range(len(peers))], heights, width, label=f"B = {b}")
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(peers))], peers, fontsize=8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%gx"))
+        ax.set_title(pass_, fontsize=9)
+        if col == 0:
+            ax.set_ylabel("speedup of fused (geomean)")
+    _save(fig, axes, title, path)
+
+
 def plot(cases: list[Case], out: Path) -> list[str]:
-    """Write the GB/s and speedup figures; returns their file names."""
+    """Write the GB/s and speedup figures of each (op, dtype); returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = []
     for op, dtype in sorted({(c.op, c.dtype) for c in cases}):
         mine = [c for c in cases if c.op == op and c.dtype == dtype]
         passes = [p for p in PASSES if any(c.pass_ == p for c in mine)]
-        dims = sorted({c.D for c in mine})
-        impls = ["fused", *[p for p in PEERS if any(p in c.seconds for c in mine)], "copy"]
-        batches = sorted({c.B for c in mine})
-
-        fig, axes = plt.subplots(len(passes), len(dims), figsize=(3.2 * len(dims), 2.8 * len(passes)), squeeze=False)
-        for row, pass_ in enumerate(passes):
-            for col, d in enumerate(dims):
-                ax = axes[row][col]
-                for impl in impls:
-                    by_b = {b: select(mine, lambda c, impl=impl: c.gbps(impl), pass_=pass_, D=d, B=b) for b in batches}
-                    xs = [b for b in batches if by_b[b]]
-                    style = {"fused": "-o", "copy": "k--"}.get(impl, ":.")
-                    ax.plot(xs, [statistics.median(by_b[b]) for b in xs], style, label=impl)
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"{pass_}, D = {d}", fontsize=9)
-                ax.set_xlabel("B")
-                if col == 0:
-                    ax.set_ylabel("GB/s (median over E, T)")
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{op} {dtype}: achieved GB/s")
-        fig.tight_layout()
-        names.append(f"gbps_{op}_{dtype}.png")
-        fig.savefig(out / names[-1], dpi=110)
-        plt.close(fig)
-
-        peers = impls[1:-1]
-        fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 3.2), squeeze=False)
-        width = 0.8 / max(1, len(batches))
-        for col, pass_ in enumerate(passes):
-            ax = axes[0][col]
-            for i, b in enumerate(batches):
-                heights = [geomean(select(mine, lambda c, p=p: c.speedup(p), pass_=pass_, B=b)) for p in peers]
-                ax.bar([j + i * width for j in range(len(peers))], heights, width, label=f"B = {b}")
-            ax.axhline(1.0, color="k", linewidth=0.8)
-            ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(peers))], peers, fontsize=8)
-            ax.set_yscale("log")
-            ax.set_title(pass_, fontsize=9)
-            if col == 0:
-                ax.set_ylabel("speedup of fused (geomean)")
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{op} {dtype}: fused vs each peer")
-        fig.tight_layout()
-        names.append(f"speedup_{op}_{dtype}.png")
-        fig.savefig(out / names[-1], dpi=110)
-        plt.close(fig)
+        peers = [p for p in PEERS if any(p in c.seconds for c in mine)]
+        names += [f"gbps_{op}_{dtype}.png", f"speedup_{op}_{dtype}.png"]
+        _plot_gbps(mine, passes, ["fused", *peers, "copy"], out / names[-2], f"{op} {dtype}: achieved GB/s")
+        _plot_speedup(mine, passes, peers, out / names[-1], f"{op} {dtype}: fused vs each peer")
     return names
 
 
