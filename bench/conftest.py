@@ -4,7 +4,8 @@
                  [--impls fused,eager,...] [--passes fwd,bwd,fwd+bwd] [--rounds N] [--round-ms MS]
 
 On a GPU the default grid is ``small`` in bf16. Without one the suite is a smoke check: ``smoke``
-shapes in fp32, the Triton kernels run through the interpreter, and the timings mean nothing.
+shapes in fp32, the Triton kernels run through the interpreter (``bench/__init__.py`` sets
+``TRITON_INTERPRET=1``), and the timings mean nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import triton
 
 from bench.cases import DTYPES, GRIDS, IMPLS, PASSES, Shape, floor_bytes, make_inputs, timed_call

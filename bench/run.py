@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from bench import report
 from bench.timing import device_label
 
@@ -32,8 +30,6 @@ def main(argv: list[str] | None = None) -> Path:
     args, pytest_args = parser.parse_known_args(argv)
     now = datetime.datetime.now(datetime.timezone.utc)
     env = dict(os.environ, FUSED_GATE_BENCH_COMMAND=shlex.join(["python", "-m", "bench.run", *argv]))
-    if not torch.cuda.is_available():
-        env.setdefault("TRITON_INTERPRET", "1")
     out = (args.out or report.results_dir(device_label(), now.isoformat())).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_json = out / f"run-{now:%Y%m%dT%H%M%SZ}.json"

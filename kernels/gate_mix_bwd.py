@@ -24,6 +24,7 @@ from torch import Tensor
 from fused_gate.kernels.config import (
     REDUCE_BLOCK,
     KernelLaunch,
+    TileConfig,
     mask_operand,
     max_persistent_programs,
     row_strides,
@@ -370,15 +371,19 @@ def plan_backward(
     top_k: int | None,
     *,
     attention: bool,
+    config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor, list[KernelLaunch]]:
-    """Allocate the gradients and describe the launches; see :func:`gate_mix_backward`."""
+    """Allocate the gradients and describe the launches; see :func:`gate_mix_backward`.
+
+    ``config`` replaces the heuristic tile, as in :func:`plan_forward`.
+    """
     batch, experts, dim = h.shape
     tasks = q.shape[-2]
     dh = torch.empty((batch, experts, dim), device=h.device, dtype=h.dtype)
     if batch == 0:
         return dh, torch.zeros(q.shape, device=q.device, dtype=q.dtype), []
     shared_context = attention and q.dim() == 2
-    cfg = tile_config(experts, dim, tasks, backward=True)
+    cfg = config or tile_config(experts, dim, tasks, backward=True)
     num_blocks = triton.cdiv(batch, cfg.rows)
     programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_gate.kernels.config import KernelLaunch, mask_operand, row_strides, tile_config
+from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, row_strides, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     gate_weights,
@@ -189,15 +189,20 @@ def plan_forward(
     *,
     attention: bool,
     return_weights: bool,
+    config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor | None, list[KernelLaunch]]:
-    """Allocate the outputs and describe the launch (none when ``B = 0``); see :func:`gate_mix_forward`."""
+    """Allocate the outputs and describe the launch (none when ``B = 0``); see :func:`gate_mix_forward`.
+
+    ``config`` replaces the heuristic tile (``bench/tune.py`` sweeps it); its ``block_t`` and
+    ``block_e`` must cover ``T`` and ``E``.
+    """
     batch, experts, dim = h.shape
     tasks = q.shape[-2]
     y = torch.empty((batch, tasks, dim), device=h.device, dtype=h.dtype)
     p = torch.empty((batch, tasks, experts), device=h.device, dtype=h.dtype) if return_weights else None
     if batch == 0:
         return y, p, []
-    cfg = tile_config(experts, dim, tasks, backward=False)
+    cfg = config or tile_config(experts, dim, tasks, backward=False)
     m = mask_operand(mask)
     p_arg = p if p is not None else y
     args = (
