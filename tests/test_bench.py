@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cases import GRIDS, PASSES, Shape, floor_bytes, impls_for
+import fused_gate as fg
+from bench.cases import GRIDS, OPS, PASSES, Shape, floor_bytes, impls_for, make_inputs, op_function
 from bench.report import Case, target_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,17 @@ def test_spec_grid_is_the_spec_grid():
     assert {s.E for s in grid} == {4, 8, 16, 64} and {s.T for s in grid} == {1, 2, 4, 8}
     assert {s.D for s in grid} == {64, 128, 256, 512, 1024} and {s.B for s in grid} == {256, 4096, 65536}
     assert "sdpa" in impls_for("attention_mix") and "sdpa" not in impls_for("softmax_mix")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_every_peer_computes_the_same_gate(op, device):
+    """The comparison is fair: each implementation returns the reference's Y on the same inputs."""
+    inputs, _ = make_inputs(op, Shape(6, 3, 2, 16), torch.float32, device)
+    want = getattr(fg.reference, op)(*inputs)
+    for impl in impls_for(op):
+        if impl != "copy":
+            torch.testing.assert_close(op_function(op, impl)(*inputs), want, msg=lambda m, impl=impl: f"{impl}: {m}")
 
 
 def _case(pass_: str, B: int, fused: float, **peers: float) -> Case:
