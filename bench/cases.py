@@ -119,19 +119,19 @@ def op_function(op: str, impl: str) -> Callable[..., Tensor]:
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
-def timed_call(
-    op: str, pass_: str, impl: str, shape: Shape, inputs: list[Tensor], grad_y: Tensor
-) -> Callable[[], object]:
-    """A no-argument callable running one pass of ``impl``: what the benchmark times.
+def copy_call(nbytes: int, device: str) -> Callable[[], object]:
+    """A device copy that moves ``nbytes`` (even): half read, half written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def timed_call(op: str, pass_: str, impl: str, inputs: list[Tensor], grad_y: Tensor) -> Callable[[], object]:
+    """A no-argument callable running one pass of ``impl`` (not ``copy``): what the benchmark times.
 
     ``fwd`` runs without autograd (inference); ``bwd`` replays the backward of one recorded forward
     (``retain_graph``); ``fwd+bwd`` records a forward and runs its backward, as a training step does.
     """
-    if impl == "copy":
-        nbytes = floor_bytes(op, pass_, shape, inputs[0].dtype) // 2
-        src = torch.empty(nbytes, dtype=torch.uint8, device=grad_y.device)
-        dst = torch.empty_like(src)
-        return lambda: dst.copy_(src)
     fn = op_function(op, impl)
     if pass_ == "fwd":
 

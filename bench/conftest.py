@@ -17,7 +17,7 @@ import pytest
 import torch
 import triton
 
-from bench.cases import DTYPES, GRIDS, IMPLS, PASSES, Shape, floor_bytes, make_inputs, timed_call
+from bench.cases import DTYPES, GRIDS, IMPLS, PASSES, Shape, copy_call, floor_bytes, make_inputs, timed_call
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for, peak_memory_bytes
 from fused_gate.kernels import INTERPRETED
 
@@ -26,11 +26,11 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 
 def pytest_addoption(parser):
     group = parser.getgroup("fused_gate bench")
-    group.addoption("--grid", choices=sorted(GRIDS), help="shape grid (default: small on a GPU, smoke on the CPU)")
-    group.addoption("--dtypes", help="comma list of fp32,fp16,bf16 (default: bf16 on a GPU, fp32 on the CPU)")
+    group.addoption("--grid", choices=sorted(GRIDS), default="small" if ON_CUDA else "smoke", help="shape grid")
+    group.addoption("--dtypes", default="bf16" if ON_CUDA else "fp32", help="comma list of fp32,fp16,bf16")
     group.addoption("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
     group.addoption("--passes", default=",".join(PASSES), help=f"comma list of {','.join(PASSES)}")
-    group.addoption("--rounds", type=int, help="timed rounds per case (default: 10 on a GPU, 2 on the CPU)")
+    group.addoption("--rounds", type=int, default=10 if ON_CUDA else 2, help="timed rounds per case")
     group.addoption("--round-ms", type=float, default=5.0, help="target length of one round on a GPU, in ms")
 
 
@@ -42,16 +42,6 @@ def _choices(config, name: str, allowed) -> list[str]:
     return values
 
 
-def _grid(config) -> list[Shape]:
-    return GRIDS[config.getoption("--grid") or ("small" if ON_CUDA else "smoke")]
-
-
-def _dtypes(config) -> list[str]:
-    if config.getoption("--dtypes") is None:
-        config.option.dtypes = "bf16" if ON_CUDA else "fp32"
-    return _choices(config, "--dtypes", DTYPES)
-
-
 def pytest_configure(config):
     if not ON_CUDA and not INTERPRETED:
         raise pytest.UsageError("no GPU: run the benchmarks with TRITON_INTERPRET=1 so the Triton kernels execute")
@@ -60,8 +50,8 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     params = {
-        "shape": (_grid(config), lambda s: s.id),
-        "dtype": (_dtypes(config), str),
+        "shape": (GRIDS[config.getoption("--grid")], lambda s: s.id),
+        "dtype": (_choices(config, "--dtypes", DTYPES), str),
         "pass_": (_choices(config, "--passes", PASSES), str),
         "impl": (_choices(config, "--impls", IMPLS), str),
     }
@@ -93,16 +83,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def run_case(benchmark, request):
     """Time one case with pytest-benchmark and record its bytes, GB/s and peak memory in ``extra_info``."""
     config = request.config
-    rounds = config.getoption("--rounds") or (10 if ON_CUDA else 2)
+    rounds = config.getoption("--rounds")
 
     def measure(op: str, pass_: str, impl: str, shape: Shape, dtype: str) -> None:
-        inputs, grad_y = make_inputs(op, shape, DTYPES[dtype], DEVICE)
-        call = timed_call(op, pass_, impl, shape, inputs, grad_y)
-        iterations = iterations_for(call, config.getoption("--round-ms") / 1e3) if ON_CUDA else 1
-        peak = peak_memory_bytes(call)
         nbytes = floor_bytes(op, pass_, shape, DTYPES[dtype])
         if impl == "copy":
-            nbytes = 2 * (nbytes // 2)
+            nbytes -= nbytes % 2
+            call = copy_call(nbytes, DEVICE)
+        else:
+            inputs, grad_y = make_inputs(op, shape, DTYPES[dtype], DEVICE)
+            call = timed_call(op, pass_, impl, inputs, grad_y)
+        iterations = iterations_for(call, config.getoption("--round-ms") / 1e3) if ON_CUDA else 1
+        peak = peak_memory_bytes(call)
         benchmark.group = f"{op} {pass_} {dtype} {shape.id}"
         benchmark.extra_info.update(
             {"op": op, "pass": pass_, "impl": impl, "dtype": dtype, "bytes": nbytes, **vars(shape)}

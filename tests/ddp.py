@@ -21,15 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from .models import LAYERS
+from .models import LAYERS, loss_step
 
 WORLD = 2
 BATCH = 8
-
-
-def _step(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    model(x).square().mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
 
 
 def worker(rank: int, init_file: str, out: str) -> None:
@@ -46,10 +41,10 @@ def worker(rank: int, init_file: str, out: str) -> None:
         grads = {}
         for name, make in LAYERS.items():
             torch.manual_seed(0)
-            grads[name] = _step(DistributedDataParallel(make()), mine)
+            _, grads[name] = loss_step(DistributedDataParallel(make()), mine)
             if rank == 0:
                 torch.manual_seed(0)
-                grads[f"{name}/single"] = _step(make(), x)
+                _, grads[f"{name}/single"] = loss_step(make(), x)
         torch.save(grads, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()

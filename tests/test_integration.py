@@ -12,14 +12,7 @@ from torch.utils.checkpoint import checkpoint
 import fused_gate as fg
 
 from .conftest import DEVICE
-from .models import LAYERS
-
-
-def _grads(model, x):
-    model.zero_grad()
-    out = model(x)
-    out.square().mean().backward()
-    return out.detach(), [p.grad.clone() for p in model.parameters()]
+from .models import LAYERS, loss_step
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -32,8 +25,8 @@ def test_compile_fullgraph_dynamic_batch_without_recompiling(name, device):
     for batch in (8, 11, 13):
         x = torch.randn(batch, 10, device=device)
         torch._dynamo.mark_dynamic(x, 0)
-        out, grads = _grads(compiled, x)
-        want, want_grads = _grads(model, x)
+        out, grads = loss_step(compiled, x)
+        want, want_grads = loss_step(model, x)
         torch.testing.assert_close(out, want)
         for g, w in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(g, w)
@@ -45,7 +38,7 @@ def test_activation_checkpointing(name, device):
     torch.manual_seed(0)
     model = LAYERS[name]().to(device)
     x = torch.randn(9, 10, device=device)
-    want, want_grads = _grads(model, x)
+    want, want_grads = loss_step(model, x)
 
     class Checkpointed(torch.nn.Module):
         def __init__(self, inner):
@@ -55,7 +48,7 @@ def test_activation_checkpointing(name, device):
         def forward(self, x):
             return checkpoint(self.inner, x, use_reentrant=False)
 
-    out, grads = _grads(Checkpointed(model), x)
+    out, grads = loss_step(Checkpointed(model), x)
     torch.testing.assert_close(out, want)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
