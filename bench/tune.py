@@ -130,7 +130,7 @@ def _forward_plan(h, q, scale, attention, config):
 
 
 def _backward_plan(grad_y, h, q, scale, attention, config):
-    dh, dq, launches = plan_backward(grad_y, None, h, q, None, scale, None, attention=attention, config=config)
+    dh, dq, launches = plan_backward(grad_y, None, h, q, None, scale, attention=attention, config=config)
     return [dh, dq], launches
 
 

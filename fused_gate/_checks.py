@@ -7,6 +7,7 @@ device) that names the argument and what was expected, raised before any kernel 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -14,6 +15,8 @@ from torch import Tensor
 from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 def _check_float_tensor(name: str, x: object, kernel_path: bool) -> None:
@@ -71,28 +74,47 @@ def _check_mask(mask: object, batch: int, tasks: int, experts: int) -> None:
         )
 
 
-def _check_top_k(top_k: object, experts: int) -> None:
+def validate_top_k(top_k: object, experts: int | None = None) -> int | None:
+    """``top_k`` as a Python int (numpy integers accepted), in ``1..E`` when ``E`` is known."""
     if top_k is None:
-        return
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k must be in 1..E = 1..{experts}, got {top_k}")
+    top_k = int(top_k)
+    if top_k < 1 or (experts is not None and top_k > experts):
+        raise ValueError(f"top_k must be in 1..E{'' if experts is None else f' = 1..{experts}'}, got {top_k}")
+    return top_k
 
 
-def _check_positive_float(name: str, value: object, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {type(value).__name__}")
+def validate_positive_float(name: str, value: object, *, reciprocal: bool = False) -> float:
+    """``value`` as a Python float (numpy scalars accepted) that the kernels' float32 represents.
+
+    The kernels compute in float32, so ``value`` must lie in float32's normal range
+    ``[FLOAT32_MIN, FLOAT32_MAX]``; with ``reciprocal`` (a temperature, used as ``1 / temperature``)
+    its reciprocal must too. Anything outside would overflow to inf or flush to 0 on the GPU.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} = {value} is too large for float32 (at most {FLOAT32_MAX:.4g})") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
+    low, high = (FLOAT32_MIN, 1 / FLOAT32_MIN) if reciprocal else (FLOAT32_MIN, FLOAT32_MAX)
+    if not low <= value <= high:
+        raise ValueError(
+            f"{name} = {value:.4g} cannot be represented in the kernels' float32 "
+            f"(it must lie in [{low:.4g}, {high:.4g}])"
+        )
+    return value
 
 
 def check_attention_mix(
     h: object, context: object, scale: object, mask: object, top_k: object, *, kernel_path: bool
-) -> tuple[int, int, int, int]:
-    """Validate ``attention_mix`` inputs; returns ``(B, E, D, T)``."""
+) -> tuple[float, int | None]:
+    """Validate ``attention_mix`` inputs; returns ``(scale, top_k)`` as Python numbers (the default
+    scale ``1 / sqrt(D)`` filled in)."""
     batch, experts, dim = _check_h(h, kernel_path)
     _check_float_tensor("context", context, kernel_path)
     if context.dim() == 2:
@@ -111,18 +133,18 @@ def check_attention_mix(
     if cdim != dim:
         raise ValueError(f"context has D = {cdim} but h has D = {dim} (h [B, E, D], context [T, D])")
     _check_tasks(tasks, kernel_path, "context")
-    _check_positive_float("scale", scale, allow_none=True)
+    scale = dim**-0.5 if scale is None else validate_positive_float("scale", scale)
     _check_mask(mask, batch, tasks, experts)
-    _check_top_k(top_k, experts)
+    top_k = validate_top_k(top_k, experts)
     _check_same_device(h=h, context=context, mask=mask)
-    return batch, experts, dim, tasks
+    return scale, top_k
 
 
 def check_softmax_mix(
     logits: object, h: object, temperature: object, mask: object, top_k: object, *, kernel_path: bool
-) -> tuple[int, int, int, int]:
-    """Validate ``softmax_mix`` inputs; returns ``(B, E, D, T)``."""
-    batch, experts, dim = _check_h(h, kernel_path)
+) -> tuple[float, int | None]:
+    """Validate ``softmax_mix`` inputs; returns ``(temperature, top_k)`` as Python numbers."""
+    batch, experts, _ = _check_h(h, kernel_path)
     _check_float_tensor("logits", logits, kernel_path)
     if logits.dim() != 3:
         raise ValueError(f"logits must be 3-D [B, T, E], got shape {tuple(logits.shape)}")
@@ -133,8 +155,8 @@ def check_softmax_mix(
             f"got shape {tuple(logits.shape)}"
         )
     _check_tasks(tasks, kernel_path, "logits")
-    _check_positive_float("temperature", temperature, allow_none=False)
+    temperature = validate_positive_float("temperature", temperature, reciprocal=True)
     _check_mask(mask, batch, tasks, experts)
-    _check_top_k(top_k, experts)
+    top_k = validate_top_k(top_k, experts)
     _check_same_device(logits=logits, h=h, mask=mask)
-    return batch, experts, dim, tasks
+    return temperature, top_k

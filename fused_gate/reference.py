@@ -4,14 +4,20 @@ Math (``B`` rows, ``E`` experts, ``T`` tasks, ``D`` expert width)::
 
     attention_mix:  s[b,t,e] = scale * <C[t], H[b,e]>          C : [T, D] or [B, T, D]
     softmax_mix:    s[b,t,e] = Z[b,t,e] / temperature          Z : [B, T, E]
-    s[b,t,e] = -inf where mask[t,e] (or mask[b,t,e]) is False, or e is not among the top_k
-    p[b,t,:] = softmax_e(s[b,t,:])        (a row with no allowed expert gives p = 0, Y = 0)
-    Y[b,t,:] = sum_e p[b,t,e] * H[b,e,:]                        Y : [B, T, D]
+    allowed[b,t,e] = mask[t,e] (or mask[b,t,e]) and s[b,t,e] != -inf, then only the top_k best
+    p[b,t,:] = softmax_e(s[b,t,:]) over the allowed experts   (none allowed: p = 0, Y = 0)
+    Y[b,t,:] = sum_{e : p[b,t,e] != 0} p[b,t,e] * H[b,e,:]      Y : [B, T, D]
+
+Special values, the same in the kernels: a ``-inf`` score excludes its expert exactly like the mask;
+``+inf`` or NaN among a (row, task)'s allowed scores make its whole ``p`` NaN (top-k always keeps a
+NaN score, so it propagates as without top-k); an expert whose weight is 0 contributes nothing to
+``Y`` or to any gradient, even when its output is NaN or infinite. Top-k ties go to the lowest index.
 
 Everything is computed in float32 (float64 if any input is float64) and returned in ``H``'s
-dtype; ``p`` is returned in ``H``'s dtype too. Top-k ties go to the lowest expert index.
-The backward functions spell out the gradients in closed form (they are what the Triton
-backward implements), independent of autograd, so tests can check one against the other.
+dtype; ``p`` is returned in ``H``'s dtype too. The ``*_backward`` functions spell out the gradients
+in closed form (they are what the Triton backward implements); the differentiable functions use
+them as their backward (and a matching forward-mode rule), so the reference also works under
+``torch.func`` transforms and ``torch.autograd.forward_ad``.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from torch import Tensor
 from fused_gate._checks import check_attention_mix, check_softmax_mix
 
 __all__ = [
+    "allowed_experts",
     "attention_mix",
     "attention_mix_backward",
+    "attention_mix_forward",
     "gate_weights",
     "softmax_mix",
     "softmax_mix_backward",
+    "softmax_mix_forward",
 ]
 
 
@@ -37,76 +46,96 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def _top_k_keep(s: Tensor, allowed: Tensor, k: int) -> Tensor:
-    """Bool [..., E]: the k largest allowed entries of each row, ties to the lowest index.
+    """Bool ``[..., E]``: the k largest allowed scores of each row (ties to the lowest index), plus
+    every allowed NaN score, so that a NaN reaches ``p`` exactly as it does without top-k.
 
-    An expert's rank counts the allowed experts that beat it (higher score, or equal score and
-    lower index); it is kept when allowed and ranked below k.
+    A stable descending sort ranks the experts in O(E) memory per row; disallowed and NaN scores
+    rank as ``-inf`` and are filtered out again by ``allowed``.
     """
-    mine, other = s.unsqueeze(-1), s.unsqueeze(-2)  # [..., e, e']
-    idx = torch.arange(s.shape[-1], device=s.device)
-    beats = (other > mine) | ((other == mine) & (idx[None, :] < idx[:, None]))
-    rank = (beats & allowed.unsqueeze(-2)).sum(-1)
-    return allowed & (rank < k)
+    nan = s.isnan()
+    ranked = s.masked_fill(~allowed | nan, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(s.shape[-1], device=s.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return allowed & ((rank < k) & ~nan | nan)
 
 
-def gate_weights(s: Tensor, mask: Tensor | None = None, top_k: int | None = None) -> Tensor:
-    """Masked (optionally top-k) softmax over the last axis of scores ``s [B, T, E]``.
-
-    Rows with no allowed expert give zeros instead of NaN.
-    """
-    allowed = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.expand_as(s)
+def allowed_experts(s: Tensor, mask: Tensor | None = None, top_k: int | None = None) -> Tensor:
+    """Bool ``[B, T, E]``: the experts each (row, task) mixes, from scores ``s``, ``mask`` and ``top_k``."""
+    allowed = ~s.isneginf()
+    if mask is not None:
+        allowed = allowed & mask
     if top_k is not None:
         allowed = _top_k_keep(s, allowed, top_k)
+    return allowed
+
+
+def _masked_softmax(s: Tensor, allowed: Tensor) -> Tensor:
     any_allowed = allowed.any(-1, keepdim=True)
-    # Fully masked rows get finite dummy scores so the softmax (and its gradient) stays NaN-free.
+    # A (row, task) with no allowed expert gets finite dummy scores so the softmax stays NaN-free.
     s = torch.where(any_allowed, s.masked_fill(~allowed, float("-inf")), torch.zeros_like(s))
     return torch.where(any_allowed, torch.softmax(s, dim=-1), torch.zeros_like(s))
 
 
-def attention_mix(
-    h: Tensor,
-    context: Tensor,
-    *,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    top_k: int | None = None,
-    return_weights: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention gate: ``h [B, E, D]``, ``context [T, D] | [B, T, D]`` -> ``Y [B, T, D]``."""
-    check_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
-    dtype = _compute_dtype(h, context)
-    scale = h.shape[-1] ** -0.5 if scale is None else float(scale)
-    hc, cc = h.to(dtype), context.to(dtype)
-    s = torch.einsum("td,bed->bte" if cc.dim() == 2 else "btd,bed->bte", cc, hc) * scale
-    p = gate_weights(s, mask, top_k)
-    y = torch.einsum("bte,bed->btd", p, hc).to(h.dtype)
-    return (y, p.to(h.dtype)) if return_weights else y
+def gate_weights(s: Tensor, mask: Tensor | None = None, top_k: int | None = None) -> Tensor:
+    """Masked (optionally top-k) softmax over the last axis of scores ``s [B, T, E]``."""
+    return _masked_softmax(s, allowed_experts(s, mask, top_k))
 
 
-def softmax_mix(
-    logits: Tensor,
-    h: Tensor,
-    *,
-    temperature: float = 1.0,
-    mask: Tensor | None = None,
-    top_k: int | None = None,
-    return_weights: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Classic gate: ``logits [B, T, E]``, ``h [B, E, D]`` -> ``Y [B, T, D]``."""
-    check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
-    dtype = _compute_dtype(logits, h)
-    hc = h.to(dtype)
-    p = gate_weights(logits.to(dtype) / temperature, mask, top_k)
-    y = torch.einsum("bte,bed->btd", p, hc).to(h.dtype)
-    return (y, p.to(h.dtype)) if return_weights else y
+def _mix(p: Tensor, h: Tensor) -> Tensor:
+    """``Y[b,t] = sum_{e : p[b,t,e] != 0} p[b,t,e] * H[b,e]`` (``p >= 0`` or NaN).
+
+    One einsum over the finite part of ``H``; the non-finite entries are added back only where a
+    weight that is not 0 meets them (counted with indicator einsums), so ``0 * NaN`` never happens.
+    """
+    y = torch.einsum("bte,bed->btd", p, torch.where(h.isfinite(), h, torch.zeros_like(h)))
+    used = (p != 0).to(p.dtype)
+
+    def met(entries: Tensor) -> Tensor:
+        return torch.einsum("bte,bed->btd", used, entries.to(p.dtype)) > 0
+
+    nan, pos, neg = met(h.isnan()), met(h.isposinf()), met(h.isneginf())
+    inf = torch.full_like(y, float("inf"))
+    extra = torch.where(pos, inf, torch.where(neg, -inf, torch.zeros_like(y)))
+    return y + torch.where(nan | (pos & neg), torch.full_like(y, float("nan")), extra)
 
 
-def _softmax_backward(p: Tensor, grad_y: Tensor, hc: Tensor, grad_p: Tensor | None) -> Tensor:
-    """ds[b,t,e] = p * (dp - <G, Y>) with dp[b,t,e] = <G[b,t], H[b,e]> (+ dL/dp when given)."""
-    dp = torch.einsum("btd,bed->bte", grad_y, hc)
+def _finite(x: Tensor) -> Tensor:
+    return torch.where(x.isfinite(), x, torch.zeros_like(x))
+
+
+def _scores(h: Tensor, context: Tensor, scale: float) -> Tensor:
+    return torch.einsum("td,bed->bte" if context.dim() == 2 else "btd,bed->bte", context, h) * scale
+
+
+def _weight_grads(p: Tensor, grad_y: Tensor, h: Tensor, grad_p: Tensor | None) -> Tensor:
+    """``ds = p * (dp - sum_e p dp)`` with ``dp = <G[b,t], H[b,e]> (+ dL/dp)``, and ``dp = 0`` where ``p = 0``."""
+    dp = torch.einsum("btd,bed->bte", grad_y, h)
     if grad_p is not None:
         dp = dp + grad_p.to(dp.dtype)
+    dp = torch.where(p != 0, dp, torch.zeros_like(dp))
     return p * (dp - (p * dp).sum(-1, keepdim=True))
+
+
+def _weight_tangents(p: Tensor, ds: Tensor) -> Tensor:
+    """Forward mode of the softmax: ``dp = p * (ds - sum_e p ds)`` with ``ds = 0`` where ``p = 0``."""
+    ds = torch.where(p != 0, ds, torch.zeros_like(ds))
+    return p * (ds - (p * ds).sum(-1, keepdim=True))
+
+
+# ---------------------------------------------------------------------------- attention_mix
+
+
+def attention_mix_forward(
+    h: Tensor, context: Tensor, scale: float, mask: Tensor | None, top_k: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Y, p, allowed)`` without autograd: ``allowed`` is the expert set the backward must use."""
+    dtype = _compute_dtype(h, context)
+    hc = h.to(dtype)
+    s = _scores(hc, context.to(dtype), scale)
+    allowed = allowed_experts(s, mask, top_k)
+    p = _masked_softmax(s, allowed)
+    return _mix(p, hc).to(h.dtype), p.to(h.dtype), allowed
 
 
 def attention_mix_backward(
@@ -121,20 +150,100 @@ def attention_mix_backward(
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradients ``(dH [B, E, D], dC [T, D] | [B, T, D])`` for ``dL/dY = grad_y``::
 
-    dH[b,e] = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
-    dC[t]   = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
+    dp[b,t,e] = <G[b,t], H[b,e]> (+ dL/dp)           (0 where p = 0)
+    ds[b,t,e] = p * (dp - sum_e' p dp)
+    dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
+    dC[t]     = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
     """
     dtype = _compute_dtype(h, context)
     scale = h.shape[-1] ** -0.5 if scale is None else float(scale)
     hc, cc, g = h.to(dtype), context.to(dtype), grad_y.to(dtype)
     per_row = cc.dim() == 3
-    s = torch.einsum("btd,bed->bte" if per_row else "td,bed->bte", cc, hc) * scale
-    p = gate_weights(s, mask, top_k)
-    ds = _softmax_backward(p, g, hc, grad_weights)
+    p = gate_weights(_scores(hc, cc, scale), mask, top_k)
+    ds = _weight_grads(p, g, hc, grad_weights)
     dh = torch.einsum("bte,btd->bed", p, g)
     dh = dh + scale * torch.einsum("bte,btd->bed" if per_row else "bte,td->bed", ds, cc)
-    dc = scale * torch.einsum("bte,bed->btd" if per_row else "bte,bed->td", ds, hc)
+    # ds = 0 where p = 0, and a non-finite H[b,e] with p != 0 makes the whole row's ds NaN: the
+    # finite part of H gives the exact sum.
+    dc = scale * torch.einsum("bte,bed->btd" if per_row else "bte,bed->td", ds, _finite(hc))
     return dh.to(h.dtype), dc.to(context.dtype)
+
+
+class _AttentionMix(torch.autograd.Function):
+    """Differentiable reference attention gate; backward and forward mode in closed form."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h, context, scale, mask, top_k):
+        return attention_mix_forward(h, context, scale, mask, top_k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, context, scale, _, _ = inputs
+        _, _, allowed = output
+        ctx.mark_non_differentiable(allowed)
+        ctx.save_for_backward(h, context, allowed)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_p, _):
+        h, context, allowed = ctx.saved_tensors
+        return (
+            *attention_mix_backward(grad_y, h, context, scale=ctx.scale, mask=allowed, grad_weights=grad_p),
+            None,
+            None,
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, h_t, context_t, *_):
+        h, context, allowed = ctx.saved_tensors
+        dtype = _compute_dtype(h, context)
+        hc, cc = h.to(dtype), context.to(dtype)
+        p = _masked_softmax(_scores(hc, cc, ctx.scale), allowed)
+        s_t = torch.zeros_like(p)
+        if context_t is not None:
+            s_t = s_t + _scores(hc, context_t.to(dtype), ctx.scale)
+        if h_t is not None:
+            s_t = s_t + _scores(h_t.to(dtype), cc, ctx.scale)
+        p_t = _weight_tangents(p, s_t)
+        y_t = torch.einsum("bte,bed->btd", p_t, _finite(hc))
+        if h_t is not None:
+            y_t = y_t + _mix(p, h_t.to(dtype))
+        return y_t.to(h.dtype), p_t.to(h.dtype), None
+
+
+def attention_mix(
+    h: Tensor,
+    context: Tensor,
+    *,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    top_k: int | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention gate: ``h [B, E, D]``, ``context [T, D] | [B, T, D]`` -> ``Y [B, T, D]``.
+
+    Arguments as in :func:`fused_gate.attention_mix` (float64 accepted too).
+    """
+    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
+    y, p, _ = _AttentionMix.apply(h, context, scale, mask, top_k)
+    return (y, p) if return_weights else y
+
+
+# ---------------------------------------------------------------------------- softmax_mix
+
+
+def softmax_mix_forward(
+    logits: Tensor, h: Tensor, temperature: float, mask: Tensor | None, top_k: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Y, p, allowed)`` without autograd, as :func:`attention_mix_forward`."""
+    dtype = _compute_dtype(logits, h)
+    s = logits.to(dtype) / temperature
+    allowed = allowed_experts(s, mask, top_k)
+    p = _masked_softmax(s, allowed)
+    return _mix(p, h.to(dtype)).to(h.dtype), p.to(h.dtype), allowed
 
 
 def softmax_mix_backward(
@@ -147,10 +256,67 @@ def softmax_mix_backward(
     top_k: int | None = None,
     grad_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Closed-form gradients ``(dZ [B, T, E], dH [B, E, D])``: ``dZ = ds / temperature``."""
+    """Closed-form gradients ``(dZ [B, T, E], dH [B, E, D])``: ``dZ = ds / temperature``,
+    ``dH[b,e] = sum_t p[b,t,e] G[b,t]`` (``ds`` as in :func:`attention_mix_backward`)."""
     dtype = _compute_dtype(logits, h)
     hc, g = h.to(dtype), grad_y.to(dtype)
     p = gate_weights(logits.to(dtype) / temperature, mask, top_k)
-    ds = _softmax_backward(p, g, hc, grad_weights)
+    ds = _weight_grads(p, g, hc, grad_weights)
     dh = torch.einsum("bte,btd->bed", p, g)
     return (ds / temperature).to(logits.dtype), dh.to(h.dtype)
+
+
+class _SoftmaxMix(torch.autograd.Function):
+    """Differentiable reference classic gate; backward and forward mode in closed form."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, h, temperature, mask, top_k):
+        return softmax_mix_forward(logits, h, temperature, mask, top_k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, h, temperature, _, _ = inputs
+        _, _, allowed = output
+        ctx.mark_non_differentiable(allowed)
+        ctx.save_for_backward(logits, h, allowed)
+        ctx.temperature = temperature
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_p, _):
+        logits, h, allowed = ctx.saved_tensors
+        grads = softmax_mix_backward(grad_y, logits, h, temperature=ctx.temperature, mask=allowed, grad_weights=grad_p)
+        return (*grads, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, logits_t, h_t, *_):
+        logits, h, allowed = ctx.saved_tensors
+        dtype = _compute_dtype(logits, h)
+        hc = h.to(dtype)
+        p = _masked_softmax(logits.to(dtype) / ctx.temperature, allowed)
+        p_t = torch.zeros_like(p)
+        if logits_t is not None:
+            p_t = _weight_tangents(p, logits_t.to(dtype) / ctx.temperature)
+        y_t = torch.einsum("bte,bed->btd", p_t, _finite(hc))
+        if h_t is not None:
+            y_t = y_t + _mix(p, h_t.to(dtype))
+        return y_t.to(h.dtype), p_t.to(h.dtype), None
+
+
+def softmax_mix(
+    logits: Tensor,
+    h: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    top_k: int | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Classic gate: ``logits [B, T, E]``, ``h [B, E, D]`` -> ``Y [B, T, D]``.
+
+    Arguments as in :func:`fused_gate.softmax_mix` (float64 accepted too).
+    """
+    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
+    y, p, _ = _SoftmaxMix.apply(logits, h, temperature, mask, top_k)
+    return (y, p) if return_weights else y

@@ -10,10 +10,13 @@ spills (checked by ``tests/test_compile.py`` for sm_80 and sm_90).
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
 import triton
+
+from fused_gate.kernels import INTERPRETED
 
 MAX_EXPERTS = 256
 MAX_TASKS = 16
@@ -25,6 +28,10 @@ ELEMENTS_PER_THREAD = 16
 MAX_WARPS = 16
 GATE_ELEMENTS_PER_THREAD = 4
 REDUCE_BLOCK = 1024
+
+# Triton's interpreter keeps per-launch state in module globals (the grid, the program ids), so two
+# threads interpreting kernels at once corrupt each other's launch. Compiled launches need no lock.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,11 @@ class KernelLaunch:
     meta: dict
 
     def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
+        if INTERPRETED:
+            with _INTERPRETER_LOCK:
+                self.kernel[self.grid](*self.args, **self.meta)
+        else:
+            self.kernel[self.grid](*self.args, **self.meta)
 
 
 def row_strides(x: torch.Tensor | None) -> tuple[int, int, int]:

@@ -2,13 +2,15 @@
 
 For the upstream gradient ``G = dL/dY [B, T, D]`` (and optionally ``Gp = dL/dp [B, T, E]``)::
 
-    dp[b,t,e] = <G[b,t], H[b,e]> (+ Gp[b,t,e])
+    dp[b,t,e] = <G[b,t], H[b,e]> (+ Gp[b,t,e])                               (0 where p = 0)
     ds[b,t,e] = p[b,t,e] * (dp[b,t,e] - sum_e' p[b,t,e'] dp[b,t,e'])      (= dp - <G, Y>)
     dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]     (C term: ATTENTION only)
     dC[t]     = scale * sum_b sum_e ds[b,t,e] H[b,e]                       (no sum over b: per-row C)
     dZ[b,t,e] = scale * ds[b,t,e]                                          (softmax gate, scale = 1/temperature)
 
-Nothing is saved by the forward: ``p`` is recomputed from ``H`` and ``C`` (or ``Z``). A shared ``C``
+Nothing is saved by the forward but, with top-k, the kept experts (passed here as the mask): ``p``
+is recomputed from ``H`` and ``C`` (or ``Z``). An expert with ``p = 0`` reaches no gradient, even
+when its output is NaN or infinite. A shared ``C``
 is reduced deterministically: a persistent grid where each program accumulates its rows into its
 own float32 ``[T, D]`` workspace slot, then ``context_grad_reduce_kernel`` sums the slots in a
 fixed order. No float atomics: two runs give bit-identical gradients.
@@ -32,6 +34,7 @@ from fused_gate.kernels.config import (
 )
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
+    finite_or_zero,
     gate_weights,
     load_expert_tile,
     load_gate_tile,
@@ -66,12 +69,16 @@ def _score_and_grad_dots(
     NUM_TASKS: tl.constexpr,
 ):
     """Over one D chunk: ``s += <C[t], H[e]>`` (ATTENTION) and ``dp += <G[t], H[e]>`` for every task."""
+    c_t = q_ptr
+    g_t = g_ptr
     for t in range(0, NUM_TASKS):
         if ATTENTION:
-            c = load_task_vector(q_ptr, rows, t, offs_d, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT)
+            c = load_task_vector(c_t, rows, offs_d, B, D, stride_qb, stride_qx, PER_ROW_CONTEXT)
             s = add_task_dots(s, tile, c, t, offs_t)
-        g = load_task_vector(g_ptr, rows, t, offs_d, B, D, stride_gb, stride_gt, stride_gd, True)
+            c_t += stride_qt
+        g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
         dp = add_task_dots(dp, tile, g, t, offs_t)
+        g_t += stride_gt
     return s, dp
 
 
@@ -113,16 +120,24 @@ def _input_grads_chunk(
 ):
     """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination."""
     dh = tl.zeros_like(tile)
+    if ATTENTION:
+        tile = finite_or_zero(tile)  # exact: see finite_or_zero
+    c_t = q_ptr
+    g_t = g_ptr
+    dc_t = dq_ptr
     for t in range(0, NUM_TASKS):
-        g = load_task_vector(g_ptr, rows, t, offs_d, B, D, stride_gb, stride_gt, stride_gd, True)
+        g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
+        g_t += stride_gt
         dh += task_row(p, t, offs_t)[:, :, None] * g
         if ATTENTION:
             ds_t = task_row(ds, t, offs_t)[:, :, None]
-            c = load_task_vector(q_ptr, rows, t, offs_d, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT)
+            c = load_task_vector(c_t, rows, offs_d, B, D, stride_qb, stride_qx, PER_ROW_CONTEXT)
+            c_t += stride_qt
             dh += scale * ds_t * c
             dc = scale * tl.sum(ds_t * tile, axis=1)
             if PER_ROW_CONTEXT:
-                store_task_vector(dq_ptr, dc, rows, t, offs_d, B, D, stride_dqb, stride_dqt)
+                store_task_vector(dc_t, dc, rows, offs_d, B, D, stride_dqb)
+                dc_t += stride_dqt
             elif SINGLE_CHUNK:
                 dc_acc = tl.where((offs_t == t)[:, None], dc_acc + tl.sum(dc, axis=0)[None, :], dc_acc)
             else:
@@ -150,7 +165,6 @@ def gate_mix_bwd_kernel(
     E,
     D,
     scale,
-    top_k,
     stride_hb,
     stride_he,
     stride_hd,
@@ -174,7 +188,6 @@ def gate_mix_bwd_kernel(
     PER_ROW_CONTEXT: tl.constexpr,
     HAS_MASK: tl.constexpr,
     MASK_PER_ROW: tl.constexpr,
-    HAS_TOP_K: tl.constexpr,
     HAS_GRAD_P: tl.constexpr,
     NUM_TASKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -192,7 +205,7 @@ def gate_mix_bwd_kernel(
     dc_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
 
     for block in range(pid, tl.cdiv(B, ROWS), tl.num_programs(0)):
-        rows = tl.arange(0, ROWS).to(tl.int64) + block * ROWS
+        rows = tl.arange(0, ROWS).to(tl.int64) + tl.cast(block, tl.int64) * ROWS
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         if SINGLE_CHUNK:
@@ -220,14 +233,15 @@ def gate_mix_bwd_kernel(
             )
         else:
             for d0 in range(0, D, BLOCK_D):
-                chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+                chunk_d = d0 + offs_d
+                chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
                 s, dp = _score_and_grad_dots(
                     s,
                     dp,
                     chunk,
                     rows,
                     offs_t,
-                    d0 + offs_d,
+                    chunk_d,
                     q_ptr,
                     g_ptr,
                     B,
@@ -244,7 +258,7 @@ def gate_mix_bwd_kernel(
                 )
         if not ATTENTION:
             s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
-        p = gate_weights(
+        p, _ = gate_weights(
             s * scale,
             mask_ptr,
             rows,
@@ -256,14 +270,15 @@ def gate_mix_bwd_kernel(
             stride_mb,
             stride_mt,
             stride_me,
-            top_k,
+            0,
             HAS_MASK,
             MASK_PER_ROW,
-            HAS_TOP_K,
+            False,  # top-k: the mask already holds the experts the forward kept
             BLOCK_E,
         )
         if HAS_GRAD_P:
             dp += load_gate_tile(gp_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_gpb, stride_gpt, stride_gpe)
+        dp = tl.where(p != 0.0, dp, 0.0)
         ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
         if not ATTENTION:
             store_gate_tile(dq_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dqb, stride_dqt)
@@ -306,7 +321,8 @@ def gate_mix_bwd_kernel(
             )
         else:
             for d0 in range(0, D, BLOCK_D):
-                chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+                chunk_d = d0 + offs_d
+                chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
                 dc_acc = _input_grads_chunk(
                     chunk,
                     p,
@@ -315,7 +331,7 @@ def gate_mix_bwd_kernel(
                     rows,
                     offs_t,
                     offs_e,
-                    d0 + offs_d,
+                    chunk_d,
                     block,
                     pid,
                     q_ptr,
@@ -368,7 +384,6 @@ def plan_backward(
     q: Tensor,
     mask: Tensor | None,
     scale: float,
-    top_k: int | None,
     *,
     attention: bool,
     config: TileConfig | None = None,
@@ -403,7 +418,6 @@ def plan_backward(
         experts,
         dim,
         scale,
-        top_k or 0,
         *h.stride(),
         *row_strides(q),
         *row_strides(m),
@@ -419,7 +433,6 @@ def plan_backward(
         PER_ROW_CONTEXT=attention and not shared_context,
         HAS_MASK=m is not None,
         MASK_PER_ROW=m is not None and m.dim() == 3,
-        HAS_TOP_K=top_k is not None,
         HAS_GRAD_P=grad_p is not None,
         NUM_TASKS=tasks,
         BLOCK_T=cfg.block_t,
@@ -451,7 +464,6 @@ def gate_mix_backward(
     q: Tensor,
     mask: Tensor | None,
     scale: float,
-    top_k: int | None,
     *,
     attention: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -460,7 +472,7 @@ def gate_mix_backward(
     Returns ``(dH [B, E, D], dq)`` with ``dq`` = ``dC`` (shape and dtype of the context) or ``dZ``
     (shape and dtype of the logits).
     """
-    dh, dq, launches = plan_backward(grad_y, grad_p, h, q, mask, scale, top_k, attention=attention)
+    dh, dq, launches = plan_backward(grad_y, grad_p, h, q, mask, scale, attention=attention)
     for launch in launches:
         launch.launch()
     return dh, dq

@@ -4,12 +4,14 @@ For every row ``b`` and task ``t`` (``H [B, E, D]``, ``Y [B, T, D]``)::
 
     s[b,t,e] = scale * <C[t], H[b,e]>      (ATTENTION; C : [T, D] or [B, T, D])
     s[b,t,e] = scale * Z[b,t,e]            (softmax gate; Z : [B, T, E], scale = 1 / temperature)
-    p[b,t,:] = softmax_e(s[b,t,:])  over the allowed experts (mask, top-k; none allowed -> 0)
-    Y[b,t,:] = sum_e p[b,t,e] * H[b,e,:]
+    p[b,t,:] = softmax_e(s[b,t,:])  over the allowed experts (mask, s != -inf, top-k; none -> 0)
+    Y[b,t,:] = sum_{e : p[b,t,e] != 0} p[b,t,e] * H[b,e,:]
 
 One launch; each program owns ``ROWS`` rows. When the ``[ROWS, BLOCK_E, BLOCK_D]`` tile covers all
 of D (``SINGLE_CHUNK``), ``H`` is read from memory exactly once and nothing of size ``B*E`` is
-written unless ``p`` is asked for.
+written unless ``p`` is asked for. With top-k the launch also writes the kept experts as one byte
+per ``(b, t, e)``: the backward mixes exactly those, so its gradient is the gradient of the forward
+that was computed even where a near-tie would round differently in its own summation order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, row_strides, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
+    finite_or_zero,
     gate_weights,
     load_expert_tile,
     load_gate_tile,
@@ -29,6 +32,7 @@ from fused_gate.kernels.gate_tile import (
     store_gate_tile,
     store_task_vector,
     task_row,
+    weighted,
 )
 
 
@@ -49,19 +53,28 @@ def _context_scores(
     NUM_TASKS: tl.constexpr,
 ):
     """``s[:, t, e] += <C[t], tile[:, e]>`` for every task, over one D chunk."""
+    c_t = c_ptr
     for t in range(0, NUM_TASKS):
-        c = load_task_vector(c_ptr, rows, t, offs_d, B, D, stride_cb, stride_ct, stride_cd, PER_ROW_CONTEXT)
+        c = load_task_vector(c_t, rows, offs_d, B, D, stride_cb, stride_cd, PER_ROW_CONTEXT)
         s = add_task_dots(s, tile, c, t, offs_t)
+        c_t += stride_ct
     return s
 
 
 @triton.jit
-def _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS: tl.constexpr):
-    """``Y[rows, t, chunk] = sum_e p[:, t, e] * tile[:, e, :]`` for every task."""
+def _mix_and_store(
+    tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS: tl.constexpr, ATTENTION: tl.constexpr
+):
+    """``Y[rows, t, chunk] = sum_{e : p != 0} p[:, t, e] * tile[:, e, :]`` for every task."""
+    if ATTENTION:
+        tile = finite_or_zero(tile)
+    y_t = y_ptr
     for t in range(0, NUM_TASKS):
-        p_t = task_row(p, t, offs_t)
-        y = tl.sum(p_t[:, :, None] * tile, axis=1)
-        store_task_vector(y_ptr, y, rows, t, offs_d, B, D, stride_yb, stride_yt)
+        p_t = task_row(p, t, offs_t)[:, :, None]
+        # Attention: the tile is already finite where it matters, so no select per task.
+        y = tl.sum(p_t * tile if ATTENTION else weighted(p_t, tile, p_t), axis=1)
+        store_task_vector(y_t, y, rows, offs_d, B, D, stride_yb)
+        y_t += stride_yt
 
 
 @triton.jit
@@ -71,6 +84,7 @@ def gate_mix_fwd_kernel(
     mask_ptr,
     y_ptr,
     p_ptr,
+    kept_ptr,
     B,
     E,
     D,
@@ -95,6 +109,7 @@ def gate_mix_fwd_kernel(
     MASK_PER_ROW: tl.constexpr,
     HAS_TOP_K: tl.constexpr,
     RETURN_WEIGHTS: tl.constexpr,
+    STORE_KEPT: tl.constexpr,
     NUM_TASKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -102,7 +117,8 @@ def gate_mix_fwd_kernel(
     ROWS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
-    """``q`` is the context ``C`` (``ATTENTION``) or the logits ``Z``; see the module docstring."""
+    """``q`` is the context ``C`` (``ATTENTION``) or the logits ``Z``; see the module docstring.
+    ``p`` and ``kept`` are contiguous ``[B, T, E]`` and share the strides ``stride_pb, stride_pt``."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -129,13 +145,14 @@ def gate_mix_fwd_kernel(
             )
         else:
             for d0 in range(0, D, BLOCK_D):
-                chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+                chunk_d = d0 + offs_d
+                chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
                 s = _context_scores(
                     s,
                     chunk,
                     rows,
                     offs_t,
-                    d0 + offs_d,
+                    chunk_d,
                     q_ptr,
                     B,
                     D,
@@ -150,7 +167,7 @@ def gate_mix_fwd_kernel(
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
 
-    p = gate_weights(
+    p, kept = gate_weights(
         s * scale,
         mask_ptr,
         rows,
@@ -170,14 +187,17 @@ def gate_mix_fwd_kernel(
     )
     if RETURN_WEIGHTS:
         store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
+    if STORE_KEPT:
+        store_gate_tile(kept_ptr, kept, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
 
     if SINGLE_CHUNK:
-        _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS)
+        _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS, ATTENTION)
     else:
         # Second walk over this program's rows of H: they were just read, so this hits L2.
         for d0 in range(0, D, BLOCK_D):
-            chunk = load_expert_tile(h_ptr, rows, offs_e, d0 + offs_d, B, E, D, stride_hb, stride_he, stride_hd)
-            _mix_and_store(chunk, p, rows, offs_t, d0 + offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS)
+            chunk_d = d0 + offs_d
+            chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
+            _mix_and_store(chunk, p, rows, offs_t, chunk_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS, ATTENTION)
 
 
 def plan_forward(
@@ -189,12 +209,14 @@ def plan_forward(
     *,
     attention: bool,
     return_weights: bool,
+    kept: Tensor | None = None,
     config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor | None, list[KernelLaunch]]:
     """Allocate the outputs and describe the launch (none when ``B = 0``); see :func:`gate_mix_forward`.
 
-    ``config`` replaces the heuristic tile (``bench/tune.py`` sweeps it); its ``block_t`` and
-    ``block_e`` must cover ``T`` and ``E``.
+    ``kept``: a contiguous bool ``[B, T, E]`` the launch fills with the experts each (row, task)
+    mixed (with ``top_k``: what the backward must use). ``config`` replaces the heuristic tile
+    (``bench/tune.py`` sweeps it); its ``block_t`` and ``block_e`` must cover ``T`` and ``E``.
     """
     batch, experts, dim = h.shape
     tasks = q.shape[-2]
@@ -204,13 +226,14 @@ def plan_forward(
         return y, p, []
     cfg = config or tile_config(experts, dim, tasks, backward=False)
     m = mask_operand(mask)
-    p_arg = p if p is not None else y
+    kept_arg = mask_operand(kept)
     args = (
         h,
         q,
         m if m is not None else h,
         y,
-        p_arg,
+        p if p is not None else y,
+        kept_arg if kept_arg is not None else y,
         batch,
         experts,
         dim,
@@ -221,8 +244,8 @@ def plan_forward(
         *row_strides(m),
         y.stride(0),
         y.stride(1),
-        p_arg.stride(0),
-        p_arg.stride(1),
+        tasks * experts,  # p and kept: contiguous [B, T, E]
+        experts,
     )
     meta = dict(
         ATTENTION=attention,
@@ -231,6 +254,7 @@ def plan_forward(
         MASK_PER_ROW=m is not None and m.dim() == 3,
         HAS_TOP_K=top_k is not None,
         RETURN_WEIGHTS=return_weights,
+        STORE_KEPT=kept is not None,
         NUM_TASKS=tasks,
         BLOCK_T=cfg.block_t,
         BLOCK_E=cfg.block_e,
@@ -252,13 +276,17 @@ def gate_mix_forward(
     *,
     attention: bool,
     return_weights: bool,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run the forward. ``q``: context ``[T, D]``/``[B, T, D]`` or logits ``[B, T, E]``.
 
-    Returns ``Y [B, T, D]`` in ``h``'s dtype and, when ``return_weights``, ``p [B, T, E]`` too.
-    Inputs are validated by the caller; any strides are accepted (no copies).
+    Returns ``Y [B, T, D]`` in ``h``'s dtype and, when ``return_weights``, ``p [B, T, E]`` too; fills
+    ``kept`` when given (see :func:`plan_forward`). Inputs are validated by the caller; any strides
+    are accepted (no copies).
     """
-    y, p, launches = plan_forward(h, q, mask, scale, top_k, attention=attention, return_weights=return_weights)
+    y, p, launches = plan_forward(
+        h, q, mask, scale, top_k, attention=attention, return_weights=return_weights, kept=kept
+    )
     for launch in launches:
         launch.launch()
     return y, p

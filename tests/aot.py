@@ -89,10 +89,11 @@ def planned_launches(experts: int, dim: int, tasks: int, attention: bool):
     q = torch.empty(tasks, dim, dtype=dt) if attention else torch.empty(BATCH, tasks, experts, dtype=dt)
     mask = torch.ones(BATCH, tasks, experts, dtype=torch.bool)
     top_k = max(1, experts // 2)
-    _, _, fwd = plan_forward(h, q, mask, 0.125, top_k, attention=attention, return_weights=True)
+    kept = torch.empty(BATCH, tasks, experts, dtype=torch.bool)
+    _, _, fwd = plan_forward(h, q, mask, 0.125, top_k, attention=attention, return_weights=True, kept=kept)
     grad_y = torch.empty(BATCH, tasks, dim, dtype=dt)
     grad_p = torch.empty(BATCH, tasks, experts, dtype=dt)
-    _, _, bwd = plan_backward(grad_y, grad_p, h, q, mask, 0.125, top_k, attention=attention)
+    _, _, bwd = plan_backward(grad_y, grad_p, h, q, kept, 0.125, attention=attention)
     return fwd + bwd
 
 
