@@ -92,13 +92,13 @@ def _input_grads_chunk(
     offs_t,
     offs_e,
     offs_d,
-    block,
-    pid,
+    first_block,
     q_ptr,
     g_ptr,
     dh_ptr,
     dq_ptr,
-    ws_ptr,
+    ws_slot,
+    ws_pitch,
     B,
     E,
     D,
@@ -118,13 +118,18 @@ def _input_grads_chunk(
     NUM_TASKS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
-    """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination."""
+    """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination.
+
+    Every pointer already points at the chunk's first column and ``D`` is the chunk's remaining
+    width, so the offsets here stay small; ``ws_slot`` is this program's ``[T, ws_pitch]`` slot.
+    """
     dh = tl.zeros_like(tile)
     if ATTENTION:
         tile = finite_or_zero(tile)  # exact: see finite_or_zero
     c_t = q_ptr
     g_t = g_ptr
     dc_t = dq_ptr
+    ws_t = ws_slot
     for t in range(0, NUM_TASKS):
         g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
         g_t += stride_gt
@@ -143,10 +148,10 @@ def _input_grads_chunk(
             else:
                 # The slot belongs to this program alone: read-add-write without atomics. The
                 # program's first block initialises it, so the workspace needs no memset launch.
-                ws = ws_ptr + (pid.to(tl.int64) * NUM_TASKS + t) * D + offs_d
                 ok = offs_d < D
-                prev = tl.load(ws, mask=ok & (block != pid), other=0.0)
-                tl.store(ws, prev + tl.sum(dc, axis=0), mask=ok)
+                prev = tl.load(ws_t + offs_d, mask=ok & ~first_block, other=0.0)
+                tl.store(ws_t + offs_d, prev + tl.sum(dc, axis=0), mask=ok)
+                ws_t += ws_pitch
     store_expert_tile(dh_ptr, dh, rows, offs_e, offs_d, B, E, D, stride_dhb, stride_dhe)
     return dc_acc
 
@@ -203,79 +208,40 @@ def gate_mix_bwd_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
     dc_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    ws_slot = ws_ptr + pid.to(tl.int64) * NUM_TASKS * D  # this program's [T, D] float32 slot
 
     for block in range(pid, tl.cdiv(B, ROWS), tl.num_programs(0)):
         rows = tl.arange(0, ROWS).to(tl.int64) + tl.cast(block, tl.int64) * ROWS
+        # 1. scores and dp = <G, H> over D (one tile, or chunk by chunk)
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
             s, dp = _score_and_grad_dots(
-                s,
-                dp,
-                tile,
-                rows,
-                offs_t,
-                offs_d,
-                q_ptr,
-                g_ptr,
-                B,
-                D,
-                stride_qb,
-                stride_qt,
-                stride_qx,
-                stride_gb,
-                stride_gt,
-                stride_gd,
-                ATTENTION,
-                PER_ROW_CONTEXT,
-                NUM_TASKS,
-            )
+                s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
+                stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
+            )  # fmt: skip
         else:
             for d0 in range(0, D, BLOCK_D):
-                chunk_d = d0 + offs_d
-                chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
-                s, dp = _score_and_grad_dots(
-                    s,
-                    dp,
-                    chunk,
-                    rows,
-                    offs_t,
-                    chunk_d,
-                    q_ptr,
-                    g_ptr,
-                    B,
-                    D,
-                    stride_qb,
-                    stride_qt,
-                    stride_qx,
-                    stride_gb,
-                    stride_gt,
-                    stride_gd,
-                    ATTENTION,
-                    PER_ROW_CONTEXT,
-                    NUM_TASKS,
+                # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
+                col = tl.cast(d0, tl.int64)
+                chunk = load_expert_tile(
+                    h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
                 )
+                s, dp = _score_and_grad_dots(
+                    s, dp, chunk, rows, offs_t, offs_d, q_ptr + col * stride_qx, g_ptr + col * stride_gd, B, D - d0,
+                    stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                    ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
+                )  # fmt: skip
+
+        # 2. softmax and ds
         if not ATTENTION:
             s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
         p, _ = gate_weights(
-            s * scale,
-            mask_ptr,
-            rows,
-            offs_t,
-            offs_e,
-            B,
-            NUM_TASKS,
-            E,
-            stride_mb,
-            stride_mt,
-            stride_me,
-            0,
-            HAS_MASK,
-            MASK_PER_ROW,
-            False,  # top-k: the mask already holds the experts the forward kept
-            BLOCK_E,
-        )
+            s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
+            0, HAS_MASK, MASK_PER_ROW, False, BLOCK_E,  # no top-k: the mask holds the experts the forward kept
+        )  # fmt: skip
         if HAS_GRAD_P:
             dp += load_gate_tile(gp_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_gpb, stride_gpt, stride_gpe)
         dp = tl.where(p != 0.0, dp, 0.0)
@@ -283,84 +249,34 @@ def gate_mix_bwd_kernel(
         if not ATTENTION:
             store_gate_tile(dq_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dqb, stride_dqt)
 
+        # 3. dH, and dC into registers (one tile) or this program's workspace slot (per chunk)
+        first_block = block == pid
         if SINGLE_CHUNK:
             dc_acc = _input_grads_chunk(
-                tile,
-                p,
-                ds,
-                dc_acc,
-                rows,
-                offs_t,
-                offs_e,
-                offs_d,
-                block,
-                pid,
-                q_ptr,
-                g_ptr,
-                dh_ptr,
-                dq_ptr,
-                ws_ptr,
-                B,
-                E,
-                D,
-                scale,
-                stride_qb,
-                stride_qt,
-                stride_qx,
-                stride_gb,
-                stride_gt,
-                stride_gd,
-                stride_dhb,
-                stride_dhe,
-                stride_dqb,
-                stride_dqt,
-                ATTENTION,
-                PER_ROW_CONTEXT,
-                NUM_TASKS,
-                SINGLE_CHUNK,
-            )
+                tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
+                q_ptr, g_ptr, dh_ptr, dq_ptr, ws_slot, D, B, E, D, scale,
+                stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
+            )  # fmt: skip
         else:
             for d0 in range(0, D, BLOCK_D):
-                chunk_d = d0 + offs_d
-                chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
-                dc_acc = _input_grads_chunk(
-                    chunk,
-                    p,
-                    ds,
-                    dc_acc,
-                    rows,
-                    offs_t,
-                    offs_e,
-                    chunk_d,
-                    block,
-                    pid,
-                    q_ptr,
-                    g_ptr,
-                    dh_ptr,
-                    dq_ptr,
-                    ws_ptr,
-                    B,
-                    E,
-                    D,
-                    scale,
-                    stride_qb,
-                    stride_qt,
-                    stride_qx,
-                    stride_gb,
-                    stride_gt,
-                    stride_gd,
-                    stride_dhb,
-                    stride_dhe,
-                    stride_dqb,
-                    stride_dqt,
-                    ATTENTION,
-                    PER_ROW_CONTEXT,
-                    NUM_TASKS,
-                    SINGLE_CHUNK,
+                col = tl.cast(d0, tl.int64)
+                chunk = load_expert_tile(
+                    h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
                 )
+                dc_acc = _input_grads_chunk(
+                    chunk, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
+                    q_ptr + col * stride_qx, g_ptr + col * stride_gd, dh_ptr + col, dq_ptr + col, ws_slot + col, D,
+                    B, E, D - d0, scale,
+                    stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                    stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                    ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
+                )  # fmt: skip
 
+    # 4. flush the register-held dC partial into this program's slot
     if ATTENTION and not PER_ROW_CONTEXT and SINGLE_CHUNK:
-        ws = ws_ptr + (pid.to(tl.int64) * NUM_TASKS + offs_t[:, None]) * D + offs_d[None, :]
+        ws = ws_slot + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
         tl.store(ws, dc_acc, mask=(offs_t[:, None] < NUM_TASKS) & (offs_d[None, :] < D))
 
 

@@ -124,80 +124,53 @@ def gate_mix_fwd_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
 
+    # 1. scores: <C[t], H[b,e]> over D (one tile, or chunk by chunk), or the given logits
     if ATTENTION:
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
             s = _context_scores(
-                s,
-                tile,
-                rows,
-                offs_t,
-                offs_d,
-                q_ptr,
-                B,
-                D,
-                stride_qb,
-                stride_qt,
-                stride_qx,
-                PER_ROW_CONTEXT,
-                NUM_TASKS,
+                s, tile, rows, offs_t, offs_d, q_ptr, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT, NUM_TASKS
             )
         else:
             for d0 in range(0, D, BLOCK_D):
-                chunk_d = d0 + offs_d
-                chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
-                s = _context_scores(
-                    s,
-                    chunk,
-                    rows,
-                    offs_t,
-                    chunk_d,
-                    q_ptr,
-                    B,
-                    D,
-                    stride_qb,
-                    stride_qt,
-                    stride_qx,
-                    PER_ROW_CONTEXT,
-                    NUM_TASKS,
+                # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
+                col = tl.cast(d0, tl.int64)
+                chunk = load_expert_tile(
+                    h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
                 )
+                s = _context_scores(
+                    s, chunk, rows, offs_t, offs_d, q_ptr + col * stride_qx, B, D - d0,
+                    stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT, NUM_TASKS,
+                )  # fmt: skip
     else:
         s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
 
+    # 2. the masked (top-k) softmax over experts
     p, kept = gate_weights(
-        s * scale,
-        mask_ptr,
-        rows,
-        offs_t,
-        offs_e,
-        B,
-        NUM_TASKS,
-        E,
-        stride_mb,
-        stride_mt,
-        stride_me,
-        top_k,
-        HAS_MASK,
-        MASK_PER_ROW,
-        HAS_TOP_K,
-        BLOCK_E,
-    )
+        s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
+        top_k, HAS_MASK, MASK_PER_ROW, HAS_TOP_K, BLOCK_E,
+    )  # fmt: skip
     if RETURN_WEIGHTS:
         store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
     if STORE_KEPT:
         store_gate_tile(kept_ptr, kept, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
 
+    # 3. the mix, Y[b,t] = sum_e p[b,t,e] H[b,e]
     if SINGLE_CHUNK:
         _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS, ATTENTION)
     else:
         # Second walk over this program's rows of H: they were just read, so this hits L2.
         for d0 in range(0, D, BLOCK_D):
-            chunk_d = d0 + offs_d
-            chunk = load_expert_tile(h_ptr, rows, offs_e, chunk_d, B, E, D, stride_hb, stride_he, stride_hd)
-            _mix_and_store(chunk, p, rows, offs_t, chunk_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS, ATTENTION)
+            col = tl.cast(d0, tl.int64)
+            chunk = load_expert_tile(
+                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
+            )
+            _mix_and_store(
+                chunk, p, rows, offs_t, offs_d, y_ptr + col, B, D - d0, stride_yb, stride_yt, NUM_TASKS, ATTENTION
+            )
 
 
 def plan_forward(

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from .address_width import narrow_address_arithmetic, probe_launches
+
 GRID = [(e, d, 8) for e in (4, 8, 16, 64) for d in (64, 128, 256, 512, 1024)]
 EXTREMES = [
     (1, 1, 1),
@@ -97,22 +99,26 @@ def planned_launches(experts: int, dim: int, tasks: int, attention: bool):
     return fwd + bwd
 
 
+def compile_record(launch, capability: int, case: list) -> dict:
+    compiled = compile_launch(launch, capability)
+    return dict(
+        case=case,
+        kernel=launch.kernel.fn.__name__,
+        num_warps=launch.meta.get("num_warps"),
+        narrow_address_arithmetic=narrow_address_arithmetic(compiled.asm["ttir"]),
+        **resource_usage(compiled.asm["cubin"]),
+    )
+
+
 def compile_case(case) -> list[dict]:
     capability, experts, dim, tasks, attention = case
-    records = []
-    for launch in planned_launches(experts, dim, tasks, attention):
-        compiled = compile_launch(launch, capability)
-        ptx = compiled.asm["ptx"]
-        records.append(
-            dict(
-                case=list(case),
-                kernel=launch.kernel.fn.__name__,
-                num_warps=launch.meta.get("num_warps"),
-                wide_addresses=any(op in ptx for op in ("mul.wide.s32", "mul.lo.s64", "mad.wide.s32", "shl.b64")),
-                **resource_usage(compiled.asm["cubin"]),
-            )
-        )
-    return records
+    return [
+        compile_record(launch, capability, list(case)) for launch in planned_launches(experts, dim, tasks, attention)
+    ]
+
+
+def compile_probes(capability: int) -> list[dict]:
+    return [compile_record(launch, capability, ["probe"]) for launch in probe_launches()]
 
 
 def main() -> None:
@@ -120,6 +126,7 @@ def main() -> None:
         sys.exit("run without TRITON_INTERPRET: interpreted kernels cannot be compiled")
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         results = [r for records in pool.map(compile_case, distinct_cases()) for r in records]
+    results += compile_probes(CAPABILITIES[-1])
     json.dump(results, sys.stdout)
 
 
