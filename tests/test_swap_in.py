@@ -13,18 +13,20 @@ import importlib.util
 import io
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gate
 import fused_gate.ops
+from bench.swap_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
 from fused_gate.integrations import _gates
 
 from .conftest import assert_matches
-from .swap_models import MODELS, VERSION_CHECK_CALLS, OpRecorder, import_offline, training_step
 
 # find_spec, not an import: importing deepctr_torch outside import_offline would query PyPI.
 pytestmark = pytest.mark.skipif(
@@ -33,8 +35,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _to(inputs, device):
-    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+class OpRecorder(TorchDispatchMode):
+    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix``, ``aten::_softmax``)
+    and keeps the outputs of ``aten::_softmax`` (the gate weights of an unswapped model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.softmax_outputs: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        self.counts[name] += 1
+        if name == "aten::_softmax":
+            self.softmax_outputs.append(out.detach().clone())
+        return out
 
 
 def build(name, device, **kwargs):
@@ -43,7 +59,7 @@ def build(name, device, **kwargs):
     model.to(device)
     swapped = copy.deepcopy(model)
     names = fused_gate.swap_in(swapped)
-    return model, swapped, names, _to(inputs, device)
+    return model, swapped, names, inputs_to(inputs, device)
 
 
 def assert_same_step(original, swapped, inputs, what=""):
@@ -217,7 +233,7 @@ def test_one_unsupported_level_leaves_the_others_swapped(device):
     swapped = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"CGC at 'cgc_layers\.1' left unchanged: gates_specific\.0 applies Dropout"):
         assert fused_gate.swap_in(swapped) == ["cgc_layers.0"]
-    assert_same_step(model, swapped, _to(inputs, device), "partly swapped")
+    assert_same_step(model, swapped, inputs_to(inputs, device), "partly swapped")
 
 
 def test_nothing_to_swap_returns_empty_and_warns():

@@ -1,4 +1,4 @@
-"""torch-rechub and DeepCTR-Torch MMOE / PLE on small synthetic features, for the swap-in tests and bench.
+"""torch-rechub and DeepCTR-Torch MMOE / PLE on synthetic features, for the swap-in tests and timing.
 
 Every builder returns ``(model, inputs)`` with peaked gates (scaled gate weights, so a wrong softmax shows),
 dropout in the experts and towers, BatchNorm with non-trivial running statistics, and inputs of
@@ -10,13 +10,11 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from collections import Counter
 from types import ModuleType, SimpleNamespace
 from unittest import mock
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 SPARSE = {"s0": 7, "s1": 5}  # name -> vocabulary size
 DENSE = ("d0", "d1")
@@ -202,22 +200,9 @@ MODELS = {
 # ---------------------------------------------------------------------------- one training step
 
 
-class OpRecorder(TorchDispatchMode):
-    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix``, ``aten::_softmax``)
-    and keeps the outputs of ``aten::_softmax`` (the gate weights of an unswapped model)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-        self.softmax_outputs: list[torch.Tensor] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func._schema.name
-        self.counts[name] += 1
-        if name == "aten::_softmax":
-            self.softmax_outputs.append(out.detach().clone())
-        return out
+def inputs_to(inputs, device):
+    """A builder's inputs (a tensor, or a dict of tensors for torch-rechub) on ``device``."""
+    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
 
 
 def training_step(model: nn.Module, inputs, seed: int = 0):
