@@ -47,12 +47,12 @@ def _step_fn(model: torch.nn.Module, inputs):
     return step
 
 
-def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int) -> tuple[float, float]:
+def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int, warmup: int) -> tuple[float, float]:
     """Median seconds per step of each model, timed in alternating rounds of ``steps`` steps."""
     calls = [_step_fn(original, inputs), _step_fn(swapped, inputs)]
     times: list[list[float]] = [[], []]
-    for call in calls:  # warm-up
-        for _ in range(3):
+    for call in calls:
+        for _ in range(warmup):
             call()
     for _ in range(rounds):
         for call, sink in zip(calls, times, strict=True):
@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         swapped = copy.deepcopy(model)
         fused_gate.swap_in(swapped)
         original_s, swapped_s = time_pair(
-            model, swapped, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds
+            model, swapped, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
         )
         print(f"| {name} | {original_s * 1e3:.2f} | {swapped_s * 1e3:.2f} | {original_s / swapped_s:.2f} |")
 

@@ -267,3 +267,13 @@ def test_deepctr_version_check_stays_offline():
     """DeepCTR-Torch's import-time PyPI query reached only the in-process stub of import_offline."""
     import_offline("deepctr_torch")
     assert VERSION_CHECK_CALLS == ["https://pypi.python.org/pypi/deepctr-torch/json"]
+
+
+def test_step_timing_script_runs(capsys):
+    """bench.swap_in_step, tiny: one table row per model, times and a ratio each."""
+    from bench import swap_in_step
+
+    swap_in_step.main(["--batch", "8", "--hidden", "8", "--rounds", "1", "--steps", "1", "--warmup", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == list(MODELS)
+    assert all(float(row.split(" | ")[-1].strip(" |")) > 0 for row in rows[1:])
