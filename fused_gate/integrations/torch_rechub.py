@@ -98,7 +98,7 @@ class FusedCGC(FusedTwin, CGC):
         return self.gate_layouts["gates"].mix(logits, expert_outs)
 
 
-TWINS = {MMOE: FusedMMOE, CGC: FusedCGC}
+TWINS: dict[type, type[FusedTwin]] = {MMOE: FusedMMOE, CGC: FusedCGC}
 
 
 def swap_in(model: nn.Module) -> list[str]:
