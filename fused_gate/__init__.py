@@ -7,6 +7,7 @@ holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
 """
 
 from fused_gate import reference
+from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE, SoftmaxGate
 from fused_gate.modules import AttentionMix
 from fused_gate.ops import attention_mix, softmax_mix, uses_kernels
@@ -21,5 +22,6 @@ __all__ = [
     "attention_mix",
     "reference",
     "softmax_mix",
+    "swap_in",
     "uses_kernels",
 ]

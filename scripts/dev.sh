@@ -27,8 +27,10 @@ else
     "$VPY" -m pip install -q --upgrade pip
     "$VPY" -m pip install -q "torch==2.13.0" "triton==3.6.0" "setuptools>=69"
   fi
-  if ! "$VPY" -c "import fused_gate, pytest, hypothesis, pytest_benchmark, matplotlib" 2>/dev/null; then
-    "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench]"
+  # The integrations are looked up, not imported: importing deepctr_torch queries PyPI from a thread.
+  if ! "$VPY" -c "import fused_gate, pytest, hypothesis, pytest_benchmark, matplotlib, importlib.util as u, sys
+sys.exit(not all(map(u.find_spec, ('torch_rechub', 'deepctr_torch', 'requests'))))" 2>/dev/null; then
+    "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench,integrations]"
   fi
 fi
 

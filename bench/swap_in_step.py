@@ -1,0 +1,130 @@
+"""Time one training step of torch-rechub / DeepCTR-Torch MMOE and PLE, original vs ``fused_gate.swap_in``.
+
+    TRITON_INTERPRET=0 python -m bench.swap_in_step [--batch 1024] [--experts 8] [--hidden 64] [--tasks 3] [--threads N]
+
+A step is forward, a weighted sum of the outputs, backward and an SGD update, in train mode (dropout
+and BatchNorm active). PLE has 2 levels of ``--experts`` experts each (2 shared, the rest split over the
+tasks). Each model is timed in alternating rounds with its swapped copy, and the table gives the median
+per step and ``original / swapped``.
+
+On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s reference fallback, so the
+ratio measures only the per-gate Python loop and the extra ops the swap removes, not the kernels.
+Importing ``bench`` sets ``TRITON_INTERPRET=1`` on a machine without a GPU: then the Triton interpreter
+runs and the times mean nothing, which the output says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import fused_gate
+from bench.swap_models import MODELS, inputs_to
+from fused_gate.kernels import INTERPRETED
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_fn(model: torch.nn.Module, inputs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    probe = model(inputs)
+    weights = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0)).to(probe.device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        (model(inputs) * weights).sum().backward()
+        optimizer.step()
+
+    return step
+
+
+def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int, warmup: int) -> tuple[float, float]:
+    """Median seconds per step of each model, timed in alternating rounds of ``steps`` steps."""
+    calls = [_step_fn(original, inputs), _step_fn(swapped, inputs)]
+    times: list[list[float]] = [[], []]
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    for _ in range(rounds):
+        for call, sink in zip(calls, times, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                call()
+            _sync(device)
+            sink.append((time.perf_counter() - start) / steps)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _sizes(name: str, experts: int, hidden: int, tasks: int) -> dict:
+    if name.endswith("mmoe"):
+        return dict(num_experts=experts, hidden=(hidden,), num_tasks=tasks)
+    shared = 2
+    if (experts - shared) % tasks:
+        raise SystemExit(f"PLE needs experts - {shared} shared to split evenly over {tasks} tasks, got {experts}")
+    return dict(per_task=(experts - shared) // tasks, shared=shared, hidden=(hidden,), num_tasks=tasks)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def dispatch_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"Triton kernels on {torch.cuda.get_device_name(device)}"
+    if INTERPRETED:
+        return "Triton interpreter on the CPU: times mean nothing (run with TRITON_INTERPRET=0)"
+    return "reference fallback on the CPU (plain PyTorch)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.swap_in_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    print(f"# One training step, original vs fused_gate.swap_in ({dispatch_label(device)})")
+    print(
+        f"B = {args.batch}, {args.experts} experts per level, expert hidden {args.hidden}, {args.tasks} tasks; "
+        f"median of {args.rounds} rounds of {args.steps} steps; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, {cpu_name()}\n"
+    )
+    print("| model | original ms/step | swapped ms/step | original / swapped |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in args.models.split(","):
+        model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, args.hidden, args.tasks))
+        model.to(device).train()
+        swapped = copy.deepcopy(model)
+        fused_gate.swap_in(swapped)
+        original_s, swapped_s = time_pair(
+            model, swapped, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
+        )
+        print(f"| {name} | {original_s * 1e3:.2f} | {swapped_s * 1e3:.2f} | {original_s / swapped_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""fused_gate.swap_in on the real torch-rechub and DeepCTR-Torch models: same outputs, gradients and buffers.
+
+Every comparison runs one seeded training step (dropout active, BatchNorm on batch statistics) or an
+eval step on the unswapped model and on a swapped deep copy, through the Triton kernels
+(interpreted without a GPU) and through the reference fallback.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import io
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_gate
+import fused_gate.ops
+from bench.swap_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
+from fused_gate.integrations import _gates
+
+from .conftest import assert_matches
+
+# find_spec, not an import: importing deepctr_torch outside import_offline would query PyPI.
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(library) is None for library in ("torch_rechub", "deepctr_torch")),
+    reason="the integrations extra (torch-rechub, DeepCTR-Torch) is not installed",
+)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix``, ``aten::_softmax``)
+    and keeps the outputs of ``aten::_softmax`` (the gate weights of an unswapped model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.softmax_outputs: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        self.counts[name] += 1
+        if name == "aten::_softmax":
+            self.softmax_outputs.append(out.detach().clone())
+        return out
+
+
+def build(name, device, **kwargs):
+    """The original model, a swapped deep copy (with the names swap_in returned) and inputs, on ``device``."""
+    model, inputs = MODELS[name][0](**kwargs)
+    model.to(device)
+    swapped = copy.deepcopy(model)
+    names = fused_gate.swap_in(swapped)
+    return model, swapped, names, inputs_to(inputs, device)
+
+
+def assert_same_step(original, swapped, inputs, what=""):
+    """The seeded training step gives the same output, every gradient (or None) and every buffer."""
+    out, grads, buffers = training_step(original, inputs)
+    out_s, grads_s, buffers_s = training_step(swapped, inputs)
+    assert_matches(out_s, out, torch.float32, f"{what} output")
+    assert grads_s.keys() == grads.keys() and buffers_s.keys() == buffers.keys()
+    for name, grad in grads.items():
+        if grad is None:
+            assert grads_s[name] is None, f"{what} {name}: the original has no gradient"
+        else:
+            assert_matches(grads_s[name], grad, torch.float32, f"{what} grad {name}")
+    for name, buffer in buffers.items():
+        assert_matches(buffers_s[name], buffer, torch.float32, f"{what} buffer {name}")
+
+
+@pytest.fixture(params=["kernels", "reference"])
+def gate_path(request, monkeypatch):
+    """Route softmax_mix to the Triton kernels or to the reference; yields the kernel launch counts."""
+    if request.param == "reference":
+        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+    launches = {"forward": 0, "backward": 0}
+
+    def counted(kind, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            launches[kind] += 1
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(fused_gate.ops, "gate_mix_forward", counted("forward", fused_gate.ops.gate_mix_forward))
+    monkeypatch.setattr(fused_gate.ops, "gate_mix_backward", counted("backward", fused_gate.ops.gate_mix_backward))
+    return request.param, launches
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_swapped_step_matches_original(name, train, gate_path, device):
+    path, launches = gate_path
+    model, swapped, names, inputs = build(name, device)
+    model.train(train)
+    swapped.train(train)
+    integration, levels = MODELS[name][1], MODELS[name][2]
+    assert names and all(type(swapped.get_submodule(n)).__module__ == integration for n in names)
+    assert swapped.state_dict().keys() == model.state_dict().keys()
+
+    recorded = OpRecorder()
+    with recorded:
+        training_step(copy.deepcopy(model), inputs)
+    for p in recorded.softmax_outputs:  # the original's gates are far from uniform: the top expert's weight
+        assert p.max(dim=1).values.mean() >= 1 / p.shape[1] + 0.2, "gate weights too close to uniform to test"
+
+    fused = OpRecorder()
+    with fused:
+        training_step(copy.deepcopy(swapped), inputs)
+    assert fused.counts["fused_gate::softmax_mix"] == levels, fused.counts
+    assert fused.counts["fused_gate::softmax_mix_backward"] == levels
+    assert fused.counts["aten::_softmax"] == 0
+    assert launches == ({"forward": levels, "backward": levels} if path == "kernels" else {"forward": 0, "backward": 0})
+
+    assert_same_step(model, swapped, inputs, f"{name} {path}")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_wrong_temperature_is_detected(name, monkeypatch, device):
+    """The comparison above catches a mix that is off by a temperature of 1.001."""
+    model, swapped, _, inputs = build(name, device)
+    monkeypatch.setattr(_gates, "softmax_mix", functools.partial(fused_gate.softmax_mix, temperature=1.001))
+    with pytest.raises(AssertionError):
+        assert_same_step(model, swapped, inputs, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compile_fullgraph(name, device):
+    """The swapped model compiles into one graph and trains like the compiled original.
+
+    Compared with the compiled original, not the eager one: DeepCTR-Torch's PLE computes a shared gate
+    on its last level and discards it, and compilation drops that gate's dropout, which shifts the
+    random stream of the later dropouts (the compiled original differs from the eager one the same way).
+    """
+    small = dict(num_tasks=2, hidden=(8,), **({"per_task": 1} if name.endswith("ple") else {"num_experts": 3}))
+    model, swapped, _, inputs = build(name, device, **small)
+    torch._dynamo.reset()
+    compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_swapped = torch.compile(swapped, backend=counter, fullgraph=True)
+    assert_same_step(compiled_model, compiled_swapped, inputs, f"{name} compiled")
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_deepcopy_and_checkpoints(name, device):
+    model, swapped, _, inputs = build(name, device)
+    model.eval()
+    swapped.eval()
+    want = model(inputs)
+
+    twin = copy.deepcopy(swapped)
+    assert type(twin) is type(swapped)
+    assert_matches(twin(inputs), want, torch.float32, "deepcopy")
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # the original's checkpoint into a fresh swapped model
+    buf.seek(0)
+    fresh, _, _, _ = build(name, device, seed=1)
+    fused_gate.swap_in(fresh)
+    fresh.load_state_dict(torch.load(buf), strict=True)
+    fresh.eval()
+    assert_matches(fresh(inputs), want, torch.float32, "original checkpoint into swapped")
+
+    buf = io.BytesIO()
+    torch.save(swapped, buf)  # the whole swapped module: its class pickles by reference
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is type(swapped)
+    assert_matches(loaded(inputs), want, torch.float32, "whole module save/load")
+
+
+def test_gate_layouts_follow_the_module_device():
+    """The masks live outside the state_dict and move with .to() and to_empty(), meta included."""
+    _, swapped, names, _ = build("rechub_ple", "cpu")
+    level = swapped.get_submodule(names[0])
+    swapped.to("meta")
+    assert level.gate_layouts["gates"].mask.device.type == "meta"
+    swapped.to_empty(device="cpu")
+    layout = level.gate_layouts["gates"]
+    assert layout.mask.device.type == "cpu" and layout.index.device.type == "cpu"
+    assert layout.mask.sum().item() == sum(len(g) for g in layout.gate_experts)
+
+
+def test_submodules_of_a_bigger_model_from_both_libraries(device):
+    rechub, _, _, rechub_inputs = build("rechub_ple", device)
+    deepctr, _, _, deepctr_inputs = build("deepctr_mmoe", device)
+    both = nn.ModuleDict({"ranker": copy.deepcopy(rechub), "scorer": copy.deepcopy(deepctr)})
+    assert fused_gate.swap_in(both) == ["ranker.cgc_layers.0", "ranker.cgc_layers.1", "scorer"]
+    assert_same_step(rechub, both["ranker"], rechub_inputs, "ranker")
+    assert_same_step(deepctr, both["scorer"], deepctr_inputs, "scorer")
+
+
+UNSUPPORTED = {
+    "gate dropout": ("rechub_mmoe", lambda m: setattr(m.gates[1].mlp[-1], "p", 0.1), "gates.1", "Dropout(p=0.1)"),
+    "softmax dim": ("rechub_mmoe", lambda m: setattr(m.gates[0].mlp[-2], "dim", 0), "gates.0", "dim 0"),
+    "too many gates": ("deepctr_mmoe", None, "the model itself", "17 gates"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_configuration_warns_and_stays_unchanged(case, device):
+    name, change, where, why = UNSUPPORTED[case]
+    model, _ = MODELS[name][0](num_tasks=17) if change is None else MODELS[name][0]()
+    if change is not None:
+        change(model)
+    original_class, original = type(model), copy.deepcopy(model)
+    with pytest.warns(UserWarning) as caught:
+        assert fused_gate.swap_in(model) == []
+    messages = [str(w.message) for w in caught]
+    assert any(where in m and why in m and "left unchanged" in m for m in messages), messages
+    assert any("nothing swapped" in m for m in messages), messages
+    assert type(model) is original_class
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), original.modules(), strict=True))
+
+
+def test_one_unsupported_level_leaves_the_others_swapped(device):
+    model, inputs = MODELS["rechub_ple"][0]()
+    model.cgc_layers[1].gates_specific[0].mlp[-1].p = 0.5
+    model.to(device)
+    model.eval()  # the gate dropout is inactive in eval, so the partly swapped model must still match
+    swapped = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"CGC at 'cgc_layers\.1' left unchanged: gates_specific\.0 applies Dropout"):
+        assert fused_gate.swap_in(swapped) == ["cgc_layers.0"]
+    assert_same_step(model, swapped, inputs_to(inputs, device), "partly swapped")
+
+
+def test_nothing_to_swap_returns_empty_and_warns():
+    with pytest.warns(UserWarning, match="nothing swapped"):
+        assert fused_gate.swap_in(nn.Sequential(nn.Linear(3, 3))) == []
+    deepctr, _ = MODELS["deepctr_mmoe"][0]()
+    from fused_gate.integrations import torch_rechub
+
+    with pytest.warns(UserWarning, match="no supported torch-rechub"):
+        assert torch_rechub.swap_in(deepctr) == []
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        fused_gate.swap_in("model")
+
+
+def test_swap_in_twice_swaps_nothing_new():
+    _, swapped, _, _ = build("deepctr_ple", "cpu")
+    with pytest.warns(UserWarning, match="nothing swapped"):
+        assert fused_gate.swap_in(swapped) == []
+
+
+def test_import_fused_gate_imports_neither_library():
+    code = (
+        "import sys, fused_gate; "
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch_rechub', 'deepctr_torch')]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_deepctr_version_check_stays_offline():
+    """DeepCTR-Torch's import-time PyPI query reached only the in-process stub of import_offline."""
+    import_offline("deepctr_torch")
+    assert VERSION_CHECK_CALLS == ["https://pypi.python.org/pypi/deepctr-torch/json"]
+
+
+def test_step_timing_script_runs(capsys):
+    """bench.swap_in_step, tiny: one table row per model, times and a ratio each."""
+    from bench import swap_in_step
+
+    swap_in_step.main(["--batch", "8", "--hidden", "8", "--rounds", "1", "--steps", "1", "--warmup", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == list(MODELS)
+    assert all(float(row.split(" | ")[-1].strip(" |")) > 0 for row in rows[1:])
