@@ -53,6 +53,11 @@ def gate_weights(s: Tensor, mask: Tensor | None = None, top_k: int | None = None
     """Masked (optionally top-k) softmax over the last axis of scores ``s [B, T, E]``.
 
     Rows with no allowed expert give zeros instead of NaN.
+
+    Args:
+        s: scores ``[..., E]``.
+        mask: bool, broadcastable to ``s``; False excludes an expert.
+        top_k: keep only the ``top_k`` largest allowed scores of each row; ties go to the lowest index.
     """
     allowed = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.expand_as(s)
     if top_k is not None:
@@ -72,7 +77,11 @@ def attention_mix(
     top_k: int | None = None,
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention gate: ``h [B, E, D]``, ``context [T, D] | [B, T, D]`` -> ``Y [B, T, D]``."""
+    """Attention gate: ``h [B, E, D]``, ``context [T, D] | [B, T, D]`` -> ``Y [B, T, D]``.
+
+    Args:
+        h, context, scale, mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`.
+    """
     check_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
     dtype = _compute_dtype(h, context)
     scale = h.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -92,7 +101,11 @@ def softmax_mix(
     top_k: int | None = None,
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Classic gate: ``logits [B, T, E]``, ``h [B, E, D]`` -> ``Y [B, T, D]``."""
+    """Classic gate: ``logits [B, T, E]``, ``h [B, E, D]`` -> ``Y [B, T, D]``.
+
+    Args:
+        logits, h, temperature, mask, top_k, return_weights: as in :func:`fused_gate.softmax_mix`.
+    """
     check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
     dtype = _compute_dtype(logits, h)
     hc = h.to(dtype)
@@ -123,6 +136,11 @@ def attention_mix_backward(
 
     dH[b,e] = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
     dC[t]   = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
+
+    Args:
+        grad_y: ``G = dL/dY [B, T, D]``.
+        h, context, scale, mask, top_k: the forward's inputs, as in :func:`fused_gate.attention_mix`.
+        grad_weights: ``dL/dp [B, T, E]`` when the forward returned the weights and they were used.
     """
     dtype = _compute_dtype(h, context)
     scale = h.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -147,7 +165,13 @@ def softmax_mix_backward(
     top_k: int | None = None,
     grad_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Closed-form gradients ``(dZ [B, T, E], dH [B, E, D])``: ``dZ = ds / temperature``."""
+    """Closed-form gradients ``(dZ [B, T, E], dH [B, E, D])``: ``dZ = ds / temperature``.
+
+    Args:
+        grad_y: ``G = dL/dY [B, T, D]``.
+        logits, h, temperature, mask, top_k: the forward's inputs, as in :func:`fused_gate.softmax_mix`.
+        grad_weights: ``dL/dp [B, T, E]`` when the forward returned the weights and they were used.
+    """
     dtype = _compute_dtype(logits, h)
     hc, g = h.to(dtype), grad_y.to(dtype)
     p = gate_weights(logits.to(dtype) / temperature, mask, top_k)
