@@ -1,21 +1,27 @@
 """What Triton's interpreter (the kernels on a CPU) needs beyond torch and triton, checked up front.
 
 triton 3.6's interpreter imports numpy, which neither torch nor triton installs, and converts
-1-element arrays with ``int()``, which numpy 2.4 rejects. Without this check a missing numpy fails at
-the first kernel definition and numpy 2.4 fails inside the first launch; with it, the entry points
-stop at once and say what to install. The ``test`` extra pins the same requirement.
+1-element arrays with ``int()``, which numpy 2.4 rejects. With ``TRITON_INTERPRET=1`` a missing numpy
+already fails inside ``import triton`` and numpy 2.4 fails inside the first launch; this check stops
+the entry points at once instead, saying what to install. The ``test`` extra pins the same requirement.
 
-Importing this module (``fused_gate/__init__.py`` does, before anything defines a kernel) raises
-``ImportError`` with that message when ``TRITON_INTERPRET`` is on and the interpreter cannot run.
+Importing this module (``fused_gate/__init__.py`` does, before anything imports triton) raises
+``ImportError`` with that message when ``TRITON_INTERPRET`` is on and the interpreter cannot run. It
+reads the variable itself, as triton does (``1``, ``true`` or ``on``), since importing triton is what
+would fail.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-
-import triton
+import os
 
 NUMPY_REQUIREMENT = "numpy<2.4"
+
+
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks triton for its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
 def interpreter_problem() -> str | None:
@@ -30,9 +36,9 @@ def interpreter_problem() -> str | None:
         found = f"numpy {version} is installed"
     return (
         f"Triton's interpreter (the fused kernels on a CPU) needs {NUMPY_REQUIREMENT} with triton "
-        f"{triton.__version__}, but {found}: pip install '{NUMPY_REQUIREMENT}'"
+        f"{importlib.metadata.version('triton')}, but {found}: pip install '{NUMPY_REQUIREMENT}'"
     )
 
 
-if triton.knobs.runtime.interpret and (_problem := interpreter_problem()) is not None:
+if interpret_requested() and (_problem := interpreter_problem()) is not None:
     raise ImportError(_problem)

@@ -51,14 +51,24 @@ def test_import_with_interpreter_on_names_numpy(tmp_path):
 
 
 def test_missing_numpy_is_named(monkeypatch):
-    def not_installed(name: str) -> str:
-        raise importlib.metadata.PackageNotFoundError(name)
+    version = importlib.metadata.version
 
-    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    def numpy_not_installed(name: str) -> str:
+        if name == "numpy":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", numpy_not_installed)
     assert "numpy is not installed: pip install 'numpy<2.4'" in _interpreter.interpreter_problem()
 
 
 @pytest.mark.parametrize(("version", "ok"), [("2.3.5", True), ("1.26.4", True), ("2.4.0", False), ("2.10.1", False)])
 def test_numpy_versions(monkeypatch, version, ok):
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "numpy" else "3.6.0")
     assert (_interpreter.interpreter_problem() is None) == ok
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
+def test_interpret_requested_reads_the_variable_as_triton_does(monkeypatch, value, on):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _interpreter.interpret_requested() == on
