@@ -28,10 +28,9 @@ def _check_module_mask(mask: object, num_tasks: int) -> None:
     """The module's mask is one bool ``[T, E]`` for every row (the ops also take ``[B, T, E]`` per call)."""
     if mask is None:
         return
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must have dtype torch.bool (a bool [T, E] tensor or None), got {got}")
     if mask.dim() != 2 or mask.shape[0] != num_tasks:
         raise ValueError(f"mask must have shape [T, E] with T = num_tasks = {num_tasks}, got {list(mask.shape)}")
 

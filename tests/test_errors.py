@@ -89,8 +89,8 @@ def test_module_rejects_bad_list():
 @pytest.mark.parametrize(
     ("mask", "exc", "message"),
     [
-        (torch.ones(T, E), TypeError, "mask must have dtype torch.bool, got torch.float32"),
-        ([[True] * E] * T, TypeError, "mask must be a bool torch.Tensor or None, got list"),
+        (torch.ones(T, E), TypeError, r"mask must have dtype torch.bool .*, got torch.float32"),
+        ([[True] * E] * T, TypeError, r"mask must have dtype torch.bool .*, got list"),
         (torch.ones(T + 1, E, dtype=torch.bool), ValueError, r"mask must have shape \[T, E\] with T = num_tasks = 2"),
         (torch.ones(B, T, E, dtype=torch.bool), ValueError, r"mask must have shape \[T, E\]"),
     ],
