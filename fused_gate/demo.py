@@ -140,7 +140,8 @@ def _plot(curves: dict, args: argparse.Namespace) -> Path | None:
             if col == 0:
                 ax.set_ylabel(f"task {task + 1} test MSE")
             ax.legend(fontsize=8)
-    fig.suptitle(f"MMoE on the MMoE paper's synthetic data: test MSE per task, mean over {_seeds(args.seeds)}")
+    title = f"MMoE on the MMoE paper's synthetic data\ntest MSE per task, mean over {_seeds(args.seeds)}"
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "mmoe_gates_loss.png"
