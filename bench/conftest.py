@@ -1,6 +1,6 @@
 """pytest glue of the benchmark suite: options, the case grid, the run's stamp, and one case's measurement.
 
-    pytest bench --benchmark-json=run.json [--grid small|spec|smoke] [--dtypes bf16,fp16]
+    pytest bench --benchmark-json=run.json [--grid small|full|smoke] [--dtypes bf16,fp16]
                  [--impls fused,eager,...] [--passes fwd,bwd,fwd+bwd] [--rounds N] [--round-ms MS]
 
 On a GPU the default grid is ``small`` in bf16. Without one the suite is a smoke check: ``smoke``
@@ -26,7 +26,12 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 
 def pytest_addoption(parser):
     group = parser.getgroup("fused_gate bench")
-    group.addoption("--grid", choices=sorted(GRIDS), default="small" if ON_CUDA else "smoke", help="shape grid")
+    group.addoption(
+        "--grid",
+        choices=sorted(GRIDS),
+        default="small" if ON_CUDA else "smoke",
+        help="shape grid (bench/cases.py): smoke (2 tiny shapes, for the CPU), small (12 shapes), full (240 shapes)",
+    )
     group.addoption("--dtypes", default="bf16" if ON_CUDA else "fp32", help="comma list of fp32,fp16,bf16")
     group.addoption("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
     group.addoption("--passes", default=",".join(PASSES), help=f"comma list of {','.join(PASSES)}")

@@ -1,6 +1,6 @@
 """One command from nothing to a benchmark report: run the suite, then write the report.
 
-    python -m bench.run [--out DIR] [pytest and bench options, e.g. --grid spec --dtypes bf16,fp16 -k fwd]
+    python -m bench.run [--out DIR] [pytest and bench options, e.g. --grid full --dtypes bf16,fp16 -k fwd]
 
 Runs ``pytest bench`` with ``--benchmark-json=DIR/run-<UTC time>.json`` and then ``bench.report`` on
 every ``run-*.json`` in DIR, so runs split over several calls on the same device and day (default DIR:

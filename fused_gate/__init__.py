@@ -6,7 +6,7 @@ and the weighted sum of expert outputs in one pass, forward and backward. ``fuse
 holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
 """
 
-from fused_gate import reference
+from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
 from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE, SoftmaxGate
 from fused_gate.modules import AttentionMix

@@ -35,6 +35,16 @@ class SoftmaxGate(nn.Module):
     The logits come from one ``nn.Linear(in_features, T * E)`` (a cuBLAS GEMM); the softmax and the
     weighted sum of the experts run in :func:`fused_gate.softmax_mix`. ``forward(x [B, in], h [B, E, D])``
     returns ``[B, T, D]``.
+
+    Args:
+        in_features: width of the gate's input ``x``.
+        num_tasks: T, the number of gates (tasks).
+        num_experts: E, the number of experts mixed.
+        temperature: softmax temperature (> 0); the logits are divided by it.
+        mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
+            ``state_dict``).
+        top_k: keep only the ``top_k`` largest logits per row and task.
+        bias: whether the gate's ``nn.Linear`` has a bias.
     """
 
     def __init__(
@@ -55,6 +65,16 @@ class SoftmaxGate(nn.Module):
         self.register_buffer("mask", mask, persistent=mask is not None)
 
     def forward(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Gate ``h`` by logits computed from ``x``.
+
+        Args:
+            x: the gate's input ``[B, in_features]``.
+            h: the expert outputs ``[B, E, D]``, any strides.
+            return_weights: also return the gate weights ``p [B, T, E]``.
+
+        Returns:
+            ``Y [B, T, D]``, or ``(Y, p)`` with ``return_weights``.
+        """
         logits = self.linear(x).view(x.shape[0], self.num_tasks, self.num_experts)
         return softmax_mix(
             logits, h, temperature=self.temperature, mask=self.mask, top_k=self.top_k, return_weights=return_weights
@@ -105,9 +125,13 @@ class MMoE(nn.Module):
     towers' outputs ``[B, T]`` when ``tower_hidden`` is given.
 
     Args:
+        in_features: width of the input ``x``, which every expert and the softmax gate read.
+        num_experts: E, the number of experts (each one ``Linear(in_features, expert_hidden)`` + ReLU).
+        expert_hidden: the experts' output width D, which is also the width of each task's mix.
+        num_tasks: T, the number of tasks (one gate each).
         gate: ``"attention"`` (learned task context vectors over the expert outputs) or ``"softmax"``
             (``softmax(W_t x)``, the paper's gate).
-        top_k: sparse gate, keep the ``top_k`` best experts per row and task.
+        top_k: sparse gate, keep the ``top_k`` best experts per row and task (default: all E).
         tower_hidden: add one ``expert_hidden -> tower_hidden -> 1`` MLP tower per task.
     """
 
@@ -133,6 +157,10 @@ class MMoE(nn.Module):
         self.towers = TaskTowers(num_tasks, expert_hidden, tower_hidden) if tower_hidden else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the experts and the gates (and the towers) on ``x``, a ``[B, in_features]`` batch.
+
+        Returns ``[B, T, expert_hidden]``, or ``[B, T]`` with towers.
+        """
         h = self.experts(x)
         y = self.gate(h) if self.gate_kind == "attention" else self.gate(x, h)
         return self.towers(y) if self.towers is not None else y
@@ -196,6 +224,23 @@ class PLE(nn.Module):
 
     ``forward(x [B, in_features])`` returns ``[B, T, expert_hidden]`` (or ``[B, T]`` with towers).
     ``num_levels = 1`` is a single CGC layer.
+
+    Each level has ``num_shared_experts`` experts that every task's gate may use and
+    ``num_task_experts`` experts per task that only that task's gate may use (a gate mask). Every level
+    but the last also has a shared gate over all its experts, whose output is the next level's shared
+    input; task t's gate output is the next level's input for task t's experts.
+
+    Args:
+        in_features: width of the input ``x`` (the first level's input for every expert).
+        num_tasks: T, the number of tasks (one gate each per level).
+        num_shared_experts: shared experts per level.
+        num_task_experts: experts per task per level.
+        expert_hidden: the experts' output width (the input width of the levels after the first).
+        num_levels: number of stacked CGC levels.
+        gate: ``"attention"`` or ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input), as in
+            :class:`MMoE`.
+        top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
+        tower_hidden: add one ``expert_hidden -> tower_hidden -> 1`` MLP tower per task.
     """
 
     def __init__(
@@ -231,6 +276,10 @@ class PLE(nn.Module):
         self.towers = TaskTowers(num_tasks, expert_hidden, tower_hidden) if tower_hidden else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the experts and the gates (and the towers) on ``x``, a ``[B, in_features]`` batch.
+
+        Returns ``[B, T, expert_hidden]``, or ``[B, T]`` with towers.
+        """
         out = x[:, None, :].expand(x.shape[0], self.num_tasks + 1, x.shape[1])
         for level in self.levels:
             out = level(out)

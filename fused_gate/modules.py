@@ -24,6 +24,17 @@ def _as_expert_tensor(h: Tensor | Sequence[Tensor]) -> tuple[Tensor, bool]:
     raise TypeError(f"h must be a [B, E, D] tensor or a non-empty list of [B, D] tensors, got {type(h).__name__}")
 
 
+def _check_module_mask(mask: object, num_tasks: int) -> None:
+    """The module's mask is one bool ``[T, E]`` for every row (the ops also take ``[B, T, E]`` per call)."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must have dtype torch.bool (a bool [T, E] tensor or None), got {got}")
+    if mask.dim() != 2 or mask.shape[0] != num_tasks:
+        raise ValueError(f"mask must have shape [T, E] with T = num_tasks = {num_tasks}, got {list(mask.shape)}")
+
+
 class AttentionMix(nn.Module):
     """Attention gate of a multi-task MoE: each task owns a learned context (query) vector.
 
@@ -41,6 +52,9 @@ class AttentionMix(nn.Module):
         mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
             ``state_dict``).
         top_k: keep only the ``top_k`` best experts per row and task.
+        device: where the ``context`` parameter (and the mask buffer) are created, as in ``nn.Linear``.
+        dtype: the ``context`` parameter's dtype (default: torch's default dtype). It may differ from
+            ``h``'s: a float32 context over bf16 experts is fine.
     """
 
     def __init__(
@@ -59,20 +73,41 @@ class AttentionMix(nn.Module):
             raise ValueError(f"num_tasks and dim must be >= 1, got num_tasks={num_tasks}, dim={dim}")
         self.num_tasks, self.dim, self.scale, self.top_k = num_tasks, dim, scale, top_k
         self.context = nn.Parameter(torch.empty(num_tasks, dim, device=device, dtype=dtype))
-        if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != num_tasks):
-            raise ValueError(
-                f"mask must be a bool [T, E] tensor with T = {num_tasks}, got {mask.dtype} {tuple(mask.shape)}"
-            )
+        _check_module_mask(mask, num_tasks)
         self.register_buffer("mask", None if mask is None else mask.to(device), persistent=mask is not None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw the context vectors from ``N(0, 1)``."""
         nn.init.normal_(self.context)
 
     def forward(
         self, h: Tensor | Sequence[Tensor], return_weights: bool = False
     ) -> Tensor | list[Tensor] | tuple[Tensor | list[Tensor], Tensor]:
+        """Mix the expert outputs for every task.
+
+        Args:
+            h: the expert outputs, in one of two forms:
+
+                - a tensor ``[B, E, D]`` with ``D = dim``, any strides: an ``[E, B, D]`` buffer is
+                  passed as ``h.transpose(0, 1)`` and read in place, with no copy;
+                - a list (or tuple) of E tensors ``[B, D]``, what most MMoE code builds; they are
+                  stacked into one ``[B, E, D]`` tensor (one copy).
+            return_weights: also return the gate weights ``p [B, T, E]`` (``p[b,t,e]`` is expert e's
+                share in task t's mix; differentiable), e.g. to monitor expert use.
+
+        Returns:
+            ``Y [B, T, D]`` for a tensor ``h``, or a list of T tensors ``[B, D]`` (one per task
+            tower) for a list; with ``return_weights``, the pair ``(Y, p)``. ``Y`` and ``p`` take
+            ``h``'s dtype.
+        """
         stacked, from_list = _as_expert_tensor(h)
+        if stacked.dim() == 3 and stacked.shape[-1] != self.dim:
+            got = f"a list of [B, D] tensors of shape {tuple(h[0].shape)}" if from_list else f"shape {tuple(h.shape)}"
+            raise ValueError(
+                f"h's last dimension must be dim = {self.dim} (h is [B, E, D] with D = dim), got {got}; "
+                "h may be a transposed view, e.g. an [E, B, D] buffer passed as h.transpose(0, 1)"
+            )
         out = attention_mix(
             stacked,
             self.context,

@@ -78,7 +78,14 @@ def _masked_softmax(s: Tensor, allowed: Tensor) -> Tensor:
 
 
 def gate_weights(s: Tensor, mask: Tensor | None = None, top_k: int | None = None) -> Tensor:
-    """Masked (optionally top-k) softmax over the last axis of scores ``s [B, T, E]``."""
+    """Masked (optionally top-k) softmax over the last axis of scores ``s [B, T, E]``.
+
+    Args:
+        s: scores ``[..., E]``; ``-inf`` excludes an expert, ``+inf``/NaN make the row NaN.
+        mask: bool, broadcastable to ``s``; False excludes an expert. A row with no allowed expert
+            gets zeros.
+        top_k: keep only the ``top_k`` largest allowed scores of each row; ties go to the lowest index.
+    """
     return _masked_softmax(s, allowed_experts(s, mask, top_k))
 
 
@@ -129,7 +136,12 @@ def _weight_tangents(p: Tensor, ds: Tensor) -> Tensor:
 def attention_mix_forward(
     h: Tensor, context: Tensor, scale: float, mask: Tensor | None, top_k: int | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Y, p, allowed)`` without autograd: ``allowed`` is the expert set the backward must use."""
+    """``(Y, p, allowed)`` without autograd: ``allowed`` is the expert set the backward must use.
+
+    Args:
+        h, context, mask, top_k: as in :func:`attention_mix`.
+        scale: the score scale (no default here).
+    """
     dtype = _compute_dtype(h, context)
     hc = h.to(dtype)
     s = _scores(hc, context.to(dtype), scale)
@@ -150,10 +162,15 @@ def attention_mix_backward(
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradients ``(dH [B, E, D], dC [T, D] | [B, T, D])`` for ``dL/dY = grad_y``::
 
-    dp[b,t,e] = <G[b,t], H[b,e]> (+ dL/dp)           (0 where p = 0)
-    ds[b,t,e] = p * (dp - sum_e' p dp)
-    dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
-    dC[t]     = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
+        dp[b,t,e] = <G[b,t], H[b,e]> (+ dL/dp)           (0 where p = 0)
+        ds[b,t,e] = p * (dp - sum_e' p dp)
+        dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]
+        dC[t]     = scale * sum_b sum_e ds[b,t,e] H[b,e]      (no sum over b for a per-row C)
+
+    Args:
+        grad_y: ``G = dL/dY [B, T, D]``.
+        h, context, scale, mask, top_k: the forward's inputs, as in :func:`attention_mix`.
+        grad_weights: ``dL/dp [B, T, E]`` when the weights were returned and used, else None.
     """
     dtype = _compute_dtype(h, context)
     scale = h.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -225,7 +242,9 @@ def attention_mix(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention gate: ``h [B, E, D]``, ``context [T, D] | [B, T, D]`` -> ``Y [B, T, D]``.
 
-    Arguments as in :func:`fused_gate.attention_mix` (float64 accepted too).
+    Args:
+        h, context, scale, mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`
+            (float64 accepted too).
     """
     scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
     y, p, _ = _AttentionMix.apply(h, context, scale, mask, top_k)
@@ -238,7 +257,11 @@ def attention_mix(
 def softmax_mix_forward(
     logits: Tensor, h: Tensor, temperature: float, mask: Tensor | None, top_k: int | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Y, p, allowed)`` without autograd, as :func:`attention_mix_forward`."""
+    """``(Y, p, allowed)`` without autograd, as :func:`attention_mix_forward`.
+
+    Args:
+        logits, h, temperature, mask, top_k: as in :func:`softmax_mix`.
+    """
     dtype = _compute_dtype(logits, h)
     s = logits.to(dtype) / temperature
     allowed = allowed_experts(s, mask, top_k)
@@ -257,7 +280,13 @@ def softmax_mix_backward(
     grad_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradients ``(dZ [B, T, E], dH [B, E, D])``: ``dZ = ds / temperature``,
-    ``dH[b,e] = sum_t p[b,t,e] G[b,t]`` (``ds`` as in :func:`attention_mix_backward`)."""
+    ``dH[b,e] = sum_t p[b,t,e] G[b,t]`` (``ds`` as in :func:`attention_mix_backward`).
+
+    Args:
+        grad_y: ``G = dL/dY [B, T, D]``.
+        logits, h, temperature, mask, top_k: the forward's inputs, as in :func:`softmax_mix`.
+        grad_weights: ``dL/dp [B, T, E]`` when the weights were returned and used, else None.
+    """
     dtype = _compute_dtype(logits, h)
     hc, g = h.to(dtype), grad_y.to(dtype)
     p = gate_weights(logits.to(dtype) / temperature, mask, top_k)
@@ -315,7 +344,9 @@ def softmax_mix(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Classic gate: ``logits [B, T, E]``, ``h [B, E, D]`` -> ``Y [B, T, D]``.
 
-    Arguments as in :func:`fused_gate.softmax_mix` (float64 accepted too).
+    Args:
+        logits, h, temperature, mask, top_k, return_weights: as in :func:`fused_gate.softmax_mix`
+            (float64 accepted too).
     """
     temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
     y, p, _ = _SoftmaxMix.apply(logits, h, temperature, mask, top_k)

@@ -20,12 +20,15 @@ fi
 VPY=.venv/bin/python
 if grep -q "include-system-site-packages = true" .venv/pyvenv.cfg; then
   if ! "$VPY" -c "import fused_gate" 2>/dev/null; then
+    # The build reads the licence as an SPDX expression: setuptools >= 77 (an older system one is shadowed).
+    "$VPY" -c 'import sys, setuptools; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null ||
+      "$VPY" -m pip install -q "setuptools>=77"
     "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
   fi
 else
   if ! "$VPY" -c 'import torch, triton' 2>/dev/null; then
     "$VPY" -m pip install -q --upgrade pip
-    "$VPY" -m pip install -q "torch==2.13.0" "triton==3.6.0" "setuptools>=69"
+    "$VPY" -m pip install -q "torch==2.13.0" "triton==3.6.0" "setuptools>=77"
   fi
   # The integrations are looked up, not imported: importing deepctr_torch queries PyPI from a thread.
   if ! "$VPY" -c "import fused_gate, pytest, hypothesis, pytest_benchmark, matplotlib, importlib.util as u, sys

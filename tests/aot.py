@@ -7,10 +7,10 @@ divisibility attributes, the same options) and hands it to ``triton.compile`` wi
 ``GPUTarget``; registers, stack and local memory are read off the cubin with the ``cuobjdump``
 shipped in the triton wheel.
 
-Configurations: the distinct ones the launch heuristic emits for the SPEC performance grid
-(E in {4, 8, 16, 64}, D in {64..1024}, T = 8) and the extremes of the supported range (E = 1 and
-256, D = 1 and 4096, T = 1 and 16), each with every option on (per-row mask, top-k, weights out,
-weight gradients in): the register-heaviest variant of each.
+Configurations: the distinct ones the launch heuristic emits for the ``full`` benchmark grid
+(``bench/cases.py``: E in {4, 8, 16, 64}, D in {64..1024}, with its largest T = 8) and the extremes
+of the supported range (E = 1 and 256, D = 1 and 4096, T = 1 and 16), each with every option on
+(per-row mask, top-k, weights out, weight gradients in): the register-heaviest variant of each.
 """
 
 from __future__ import annotations

@@ -16,12 +16,12 @@ import torch
 
 import fused_gate as fg
 from bench.cases import GRIDS, OPS, PASSES, Shape, floor_bytes, impls_for, make_inputs, op_function
-from bench.report import Case, target_rows
+from bench.report import NOT_MEASURED, Case, results_dir, target_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_floor_bytes_match_the_spec():
+def test_floor_bytes_match_the_stated_formulas():
     shape = Shape(B=10, E=3, T=2, D=5)
     h, y, c, z = 10 * 3 * 5 * 2, 10 * 2 * 5 * 2, 2 * 5 * 2, 10 * 2 * 3 * 2  # bf16: 2 bytes each
     assert floor_bytes("attention_mix", "fwd", shape, torch.bfloat16) == h + y + c
@@ -31,8 +31,8 @@ def test_floor_bytes_match_the_spec():
     assert floor_bytes("softmax_mix", "fwd+bwd", shape, torch.float32) == 2 * (h + z + y + 2 * h + y + 2 * z)
 
 
-def test_spec_grid_is_the_spec_grid():
-    grid = GRIDS["spec"]
+def test_full_grid_is_every_stated_shape():
+    grid = GRIDS["full"]
     assert len(grid) == len(set(grid)) == 4 * 4 * 5 * 3
     assert {s.E for s in grid} == {4, 8, 16, 64} and {s.T for s in grid} == {1, 2, 4, 8}
     assert {s.D for s in grid} == {64, 128, 256, 512, 1024} and {s.B for s in grid} == {256, 4096, 65536}
@@ -75,6 +75,14 @@ def test_report_targets_say_met_only_when_every_shape_meets_them():
     assert met("attention_mix fwd+bwd ≥ 1.5x compile max-autotune") == "yes"
     assert met("attention_mix fwd+bwd ≥ 2x SDPA") == "no"
     assert met("attention_mix fwd at B = 256 ≤ ~10 µs") == "yes"
+    assert {ok for _, _, ok in target_rows(cases, interpreted=True)} == {NOT_MEASURED}
+
+
+def test_results_folder_keeps_whole_words():
+    assert results_dir("NVIDIA H100 80GB HBM3", "2026-01-02T03:04").name == "2026-01-02_nvidia-h100-80gb-hbm3"
+    name = results_dir("cpu (Triton interpreter; timings meaningless)", "2026-01-02", max_slug=28).name
+    assert name == "2026-01-02_cpu-triton-interpreter"
+    assert results_dir("x" * 60, "2026-01-02", max_slug=30).name == "2026-01-02_" + "x" * 30
 
 
 @pytest.mark.slow
@@ -110,7 +118,8 @@ def test_bench_suite_runs_and_reports(tmp_path):
     assert seen == expected
 
     text = (tmp_path / "README.md").read_text()
-    assert "CPU smoke run" in text and "## SPEC section 6 targets" in text
+    assert "CPU smoke run" in text and "## Performance targets" in text
+    assert f"| {NOT_MEASURED} |" in text and "| no |" not in text and "| yes |" not in text
     for op in ("attention_mix", "softmax_mix"):
         for pass_ in PASSES:
             assert f"## {op} {pass_}\n" in text

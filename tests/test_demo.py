@@ -32,5 +32,13 @@ def test_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Final test MSE per task" in out and "softmax" in out and "attention" in out
     assert set(result["finals"]) == {(0.5, "softmax"), (0.5, "attention")}
-    assert all(len(curve) == 2 for runs in result["curves"].values() for curve in runs)
+    curves = [curve for runs in result["curves"].values() for curve in runs]
+    assert all(len(curve) == 2 and all(len(mse) == 2 for mse in curve) for curve in curves)  # 2 evaluations x 2 tasks
+    assert "mean over 1 seed;" in out
     assert (tmp_path / "mmoe_gates_loss.png").stat().st_size > 0
+
+
+def test_quick_is_one_correlation_and_one_seed():
+    args = demo._parse(["--quick", "--correlations", "0.9", "1.0", "--seeds", "5"])
+    assert args.correlations == [0.9] and args.seeds == 1
+    assert demo._parse(["--quick"]).correlations == [0.5]

@@ -84,5 +84,34 @@ def test_module_rejects_bad_list():
         gate([_h(B, D), _h(B, D + 1)])
     with pytest.raises(TypeError, match="non-empty list"):
         gate([])
-    with pytest.raises(ValueError, match="mask must be a bool"):
-        fg.AttentionMix(T, D, mask=torch.ones(T + 1, E, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("mask", "exc", "message"),
+    [
+        (torch.ones(T, E), TypeError, r"mask must have dtype torch.bool .*, got torch.float32"),
+        ([[True] * E] * T, TypeError, r"mask must have dtype torch.bool .*, got list"),
+        (torch.ones(T + 1, E, dtype=torch.bool), ValueError, r"mask must have shape \[T, E\] with T = num_tasks = 2"),
+        (torch.ones(B, T, E, dtype=torch.bool), ValueError, r"mask must have shape \[T, E\]"),
+    ],
+    ids=["float", "list", "wrong-T", "per-row"],
+)
+def test_module_rejects_bad_mask(mask, exc, message):
+    with pytest.raises(exc, match=message):
+        fg.AttentionMix(T, D, mask=mask)
+
+
+@pytest.mark.parametrize("from_list", [False, True], ids=["tensor", "list"])
+def test_module_names_h_last_dimension(from_list, device):
+    """A transposed h ([B, D, E] for dim = D) is reported as h's last dimension, not as the context's."""
+    gate = fg.AttentionMix(T, D, device=device)
+    h = _h(B, E, D).to(device).transpose(1, 2)
+    with pytest.raises(ValueError, match=r"h's last dimension must be dim = 8 .* h\.transpose\(0, 1\)") as error:
+        gate(list(h.unbind(1)) if from_list else h)
+    assert "context" not in str(error.value)
+
+
+def test_module_takes_a_transposed_buffer_as_its_message_says(device):
+    gate = fg.AttentionMix(T, D, device=device)
+    buffer = _h(E, B, D).to(device)  # [E, B, D], as a loop over experts fills it
+    torch.testing.assert_close(gate(buffer.transpose(0, 1)), gate(buffer.transpose(0, 1).contiguous()))

@@ -1,13 +1,14 @@
-"""Check: the fused attention gate against the plain-PyTorch reference, errors and timings.
+"""Self-test of an install: the fused attention gate against the plain-PyTorch reference, errors and timings.
 
-    python -m fused_gate.check [--batch B --experts E --dim D --tasks T --dtype bf16 --repeats N]
+    python -m fused_gate.selftest [--batch B --experts E --dim D --tasks T --dtype bf16 --repeats N]
 
 For each shape it runs forward + backward of ``fused_gate.attention_mix`` (the Triton kernels) and of
 ``fused_gate.reference.attention_mix`` (eager PyTorch), reports the largest error of each against a
-float64 run, and the median time per forward+backward of each on the same device. Without a GPU the
-check restarts itself with ``TRITON_INTERPRET=1`` so the real kernels run, interpreted on the CPU:
-the correctness check is the real one, while the CPU timings only show that interpretation is slow
-(the speed claims are measured on a GPU by ``bench/``).
+float64 run, and the median time per forward+backward of each on the same device. Without a GPU it
+restarts itself with ``TRITON_INTERPRET=1`` so the real kernels run, interpreted on the CPU: the
+comparison with float64 is the real one, while the CPU timings only show that interpretation is slow
+(speed is measured on a GPU by ``bench/``). The interpreter needs ``numpy<2.4``; without it the
+command stops at once and says so.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import time
 import torch
 
 import fused_gate as fg
+from fused_gate._interpreter import interpreter_problem
 from fused_gate.kernels import INTERPRETED
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fused_gate.check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fused_gate.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: by device)")
     parser.add_argument("--experts", type=int, default=8)
@@ -73,14 +75,16 @@ def _max_error(outputs, exact) -> float:
     return max((a.double() - b).abs().max().item() for a, b in zip(outputs, exact, strict=True))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict[int, dict[str, tuple[float, float]]]:
+    """Print the table; returns ``{B: {"fused" | "eager": (max error, median ms)}}``."""
     mode = "Triton kernels" if args.device.startswith("cuda") else "Triton kernels, interpreted on CPU"
-    print(f"fused_gate check: attention gate, {mode}; torch {torch.__version__}, device {args.device}")
+    print(f"fused_gate self-test: attention gate, {mode}; torch {torch.__version__}, device {args.device}")
     print(f"E={args.experts} experts, D={args.dim}, T={args.tasks} tasks, dtype={args.dtype}\n")
     header = f"{'B':>7} {'max err fused':>14} {'max err eager':>14} {'fused ms':>10} {'eager ms':>10} {'speedup':>8}"
     print(header)
     print("-" * len(header))
     gen = torch.Generator().manual_seed(0)
+    table = {}
     for batch in args.batch:
         h = torch.randn(batch, args.experts, args.dim, generator=gen).to(args.device, args.dtype)
         context = torch.randn(args.tasks, args.dim, generator=gen).to(args.device, args.dtype)
@@ -100,22 +104,27 @@ def run(args: argparse.Namespace) -> None:
             err = _max_error((y, *grads), exact)
             ms = _median_ms(functools.partial(_step, fn, h, context, grad_y), args.repeats, args.device)
             results[name] = (err, ms)
+        table[batch] = results
         (err_f, ms_f), (err_e, ms_e) = results["fused"], results["eager"]
         print(f"{batch:>7} {err_f:>14.2e} {err_e:>14.2e} {ms_f:>10.3f} {ms_e:>10.3f} {ms_e / ms_f:>7.2f}x")
     print("\nErrors are the largest absolute difference of Y, dH and dC from a float64 run.")
     if not args.device.startswith("cuda"):
         print("CPU timings measure Triton's interpreter, not the kernels' speed: run on a GPU for real numbers.")
+    return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, float]]]:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
     if args.device == "cpu" and not INTERPRETED:
         # The kernels only run on CPU through Triton's interpreter, which must be chosen before
-        # triton is imported: restart with it switched on.
+        # triton is imported: restart with it switched on, unless it cannot run here.
+        problem = interpreter_problem()
+        if problem is not None:
+            sys.exit(f"python -m fused_gate.selftest on a CPU: {problem}")
         env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "fused_gate.check", *argv], env)
-    run(args)
+        os.execve(sys.executable, [sys.executable, "-m", "fused_gate.selftest", *argv], env)
+    return run(args)
 
 
 if __name__ == "__main__":
