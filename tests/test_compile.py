@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .aot import distinct_cases
+from .aot import ci_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,13 +28,14 @@ def report() -> dict[tuple, list[dict]]:
     assert run.returncode == 0, f"AOT compilation failed:\n{run.stderr[-5000:]}"
     by_case: dict[tuple, list[dict]] = {}
     for record in json.loads(run.stdout):
-        by_case.setdefault(tuple(record["case"]), []).append(record)
+        *shape, options = record["case"]
+        by_case.setdefault((*shape, tuple(options)), []).append(record)
     return by_case
 
 
-@pytest.mark.parametrize(("capability", "experts", "dim", "tasks", "attention"), distinct_cases())
-def test_compiles_without_spills(report, capability, experts, dim, tasks, attention):
-    records = report[(capability, experts, dim, tasks, attention)]
+@pytest.mark.parametrize(("capability", "experts", "dim", "tasks", "attention", "options"), ci_cases())
+def test_compiles_without_spills(report, capability, experts, dim, tasks, attention, options):
+    records = report[(capability, experts, dim, tasks, attention, options)]
     names = {r["kernel"] for r in records}
     assert {"gate_mix_fwd_kernel", "gate_mix_bwd_kernel"} <= names
     for r in records:
