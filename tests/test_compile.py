@@ -18,6 +18,34 @@ from .aot import ci_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Backward configurations that compile with an 8-byte stack frame on sm_90 (a spill, STL/LDL in the
+# SASS): the D-chunked backward (4 warps) of the wide tiles at T in 5..9 and 15, and the softmax gate's
+# with top-k or a mask at E = 8, D = 1024, T = 8. Listed so that the check fails once they are fixed.
+CHUNKED_BACKWARD_SPILLS = {
+    (8, 1024, t, attention, ("per_row_mask", "top_k", "weights"))
+    for t, attention in ((6, True), (6, False), (7, True), (7, False), (8, False), (9, True), (9, False), (15, True))
+}
+CHUNKED_BACKWARD_SPILLS |= {(16, 512, 5, True, ("per_row_mask", "top_k", "weights"))}
+CHUNKED_BACKWARD_SPILLS |= {
+    (8, 1024, 8, False, options)
+    for options in (
+        ("top_k",),
+        ("top_k", "weights"),
+        ("shared_mask", "weights"),
+        ("shared_mask", "top_k"),
+        ("shared_mask", "top_k", "weights"),
+        ("per_row_mask", "top_k"),
+    )
+}
+
+
+def _cases() -> list:
+    spill = pytest.mark.xfail(strict=True, reason="the D-chunked backward spills 8 bytes on sm_90")
+    return [
+        pytest.param(*case, marks=[spill] if case[0] == 90 and case[1:] in CHUNKED_BACKWARD_SPILLS else [])
+        for case in ci_cases()
+    ]
+
 
 @pytest.fixture(scope="module")
 def report() -> dict[tuple, list[dict]]:
@@ -33,7 +61,7 @@ def report() -> dict[tuple, list[dict]]:
     return by_case
 
 
-@pytest.mark.parametrize(("capability", "experts", "dim", "tasks", "attention", "options"), ci_cases())
+@pytest.mark.parametrize(("capability", "experts", "dim", "tasks", "attention", "options"), _cases())
 def test_compiles_without_spills(report, capability, experts, dim, tasks, attention, options):
     records = report[(capability, experts, dim, tasks, attention, options)]
     names = {r["kernel"] for r in records}
