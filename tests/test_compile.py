@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.occupancy import resident
+
 from .aot import ci_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,3 +81,12 @@ def test_addresses_are_64_bit(report):
         if r["kernel"].startswith("gate_mix") and r["case"][1] > 1 and r["case"][2] > 1
     ]
     assert gate_kernels and all(r["wide_addresses"] for r in gate_kernels)
+
+
+def test_h100_occupancy_model_on_hand_numbers():
+    # 223 registers round up to 7168 per warp: one 8-warp program fits 65536 registers.
+    assert resident(223, 8, 0) == (1, "registers")
+    # 64 registers: 2048 per warp, 4 programs of 8 warps; 40 KiB of shared memory would allow 5.
+    assert resident(64, 8, 40 * 1024) == (4, "registers")
+    assert resident(32, 1, 0) == (32, "programs")
+    assert resident(32, 4, 100 * 1024) == (2, "shared")
