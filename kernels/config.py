@@ -47,6 +47,9 @@ class TileConfig:
     # Software pipelining of the D-chunk loops keeps several tiles live and spills; the kernels are
     # latency-hidden by running several programs per SM instead.
     num_stages: int = 1
+    # An explicit register limit: without one, ptxas may spill a few registers to reach an occupancy
+    # of its own choosing; the tile sizes here already set the occupancy (tests/aot.py checks both).
+    max_registers: int = 255
 
 
 @functools.lru_cache(maxsize=1024)
@@ -63,17 +66,21 @@ def tile_config(num_experts: int, dim: int, num_tasks: int, backward: bool) -> T
     # The backward also keeps a shared context's dC partial, [BLOCK_T, BLOCK_D], in registers.
     widest = max(block_e, block_t) if backward else block_e
     block_d = min(triton.next_power_of_2(dim), max(MIN_BLOCK_D, budget // widest))
+    per_thread = ELEMENTS_PER_THREAD
     if backward and block_d < dim:
-        # Walking D in chunks keeps p, ds and the workspace slot live across the loop: halve the tile.
+        # Walking D in chunks keeps p, ds and the workspace slot live across the loop: halve the tile,
+        # and spread it over twice the threads, so it fits 128 registers (16 resident warps per SM)
+        # without spilling.
         budget //= 2
         block_d = max(MIN_BLOCK_D, block_d // 2)
+        per_thread //= 2
     # Rows also multiply the per-(row, task, expert) scores and weights, [ROWS, BLOCK_T, BLOCK_E].
     rows = max(1, min(MAX_ROWS, budget // (block_e * block_d), budget // (block_t * block_e)))
     # Several [ROWS, BLOCK_T, BLOCK_E] tensors (scores, weights, their gradients, top-k state) are live
     # at once, so they get fewer elements per thread than the expert tile.
     gate = rows * block_t * block_e
     tile = rows * block_e * block_d
-    warps = max(min(8, tile // (32 * ELEMENTS_PER_THREAD)), gate // (32 * GATE_ELEMENTS_PER_THREAD))
+    warps = max(min(8, tile // (32 * per_thread)), gate // (32 * GATE_ELEMENTS_PER_THREAD))
     num_warps = max(1, min(MAX_WARPS, warps))
     return TileConfig(
         block_t=block_t,

@@ -358,6 +358,7 @@ def plan_backward(
         SINGLE_CHUNK=cfg.single_chunk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        maxnreg=cfg.max_registers,
     )
     launches = [KernelLaunch(gate_mix_bwd_kernel, (programs,), args, meta)]
     if shared_context:

@@ -236,6 +236,7 @@ def plan_forward(
         SINGLE_CHUNK=cfg.single_chunk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        maxnreg=cfg.max_registers,
     )
     return y, p, [KernelLaunch(gate_mix_fwd_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
 

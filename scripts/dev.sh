@@ -3,6 +3,7 @@
 #   bash scripts/dev.sh demo [demo options]    train MMoE with the softmax gate and the attention gate
 #   bash scripts/dev.sh test [pytest options]  the whole test suite (real kernels; interpreted without a GPU)
 #   bash scripts/dev.sh bench [bench options]  the benchmark suite and its report under bench/results/
+#   bash scripts/dev.sh gpu [OUTDIR] [--dry-run] on a GPU machine: tests, bench, tuning, traffic; a few files in OUTDIR
 # Creates ./.venv on first use. An interpreter that already has torch >= 2.11 (a GPU machine, maybe
 # offline) keeps its torch and its packages: the venv then sees the system site-packages and the
 # package is installed with --no-deps, so nothing is downloaded and nothing replaces torch.
@@ -43,5 +44,6 @@ case "$cmd" in
   demo) exec "$VPY" -m fused_gate.demo "$@" ;;
   test) exec "$VPY" -m pytest tests -q -W ignore::DeprecationWarning "$@" ;;
   bench) exec "$VPY" -m bench.run "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test|bench} [options]" >&2; exit 2 ;;
+  gpu) exec "$VPY" -m bench.campaign "$@" ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|bench|gpu} [options]" >&2; exit 2 ;;
 esac

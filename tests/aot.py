@@ -7,14 +7,21 @@ divisibility attributes, the same options) and hands it to ``triton.compile`` wi
 ``GPUTarget``; registers, stack and local memory are read off the cubin with the ``cuobjdump``
 shipped in the triton wheel.
 
-Configurations: the distinct ones the launch heuristic emits for the ``full`` benchmark grid
-(``bench/cases.py``: E in {4, 8, 16, 64}, D in {64..1024}, with its largest T = 8) and the extremes
-of the supported range (E = 1 and 256, D = 1 and 4096, T = 1 and 16), each with every option on
-(per-row mask, top-k, weights out, weight gradients in): the register-heaviest variant of each.
+Configurations (``ci_cases``, what ``tests/test_compile.py`` checks): the distinct ones the launch
+heuristic emits for the ``full`` benchmark grid (``bench/cases.py``: E in {4, 8, 16, 64},
+D in {64..1024}, with its largest T = 8) and the
+extremes of the supported range (E = 1 and 256, D = 1 and 4096, T = 1 and 16), each with every option
+on (per-row mask, top-k, weights out, weight gradients in) on sm_80 and sm_90; every T from 1 to 16
+at the widest tiles, every option combination, and the softmax gate, on sm_90. ``--full`` compiles every T from 1 to 16
+for every (E, D) above with every option combination of both ops (thousands of kernels: a many-core
+machine's job); ``--occupancy`` the bench's full grid as the bench runs it (no option), for
+``bench/occupancy.py``.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import re
@@ -37,18 +44,59 @@ EXTREMES = [
 ]
 CAPABILITIES = (80, 90)
 BATCH = 1000  # not 1 and not a multiple of 16, like real batches: no extra specialisation
+# Options change the compiled kernel (each is a constexpr): mask kind, top-k, weights returned in the
+# forward and their gradient fed to the backward, and (attention) a per-row context [B, T, D].
+MASKS = ((), ("shared_mask",), ("per_row_mask",))
+# The register-heaviest variant: a shared context (the backward keeps its dC partial), a per-row mask,
+# top-k and weights in and out.
+HEAVIEST = ("per_row_mask", "top_k", "weights")
+# The widest tiles of each pass: where registers run out first.
+WIDEST = ((8, 1024), (16, 512))
 
 
-def distinct_cases() -> list[tuple[int, int, int, int, bool]]:
-    """(capability, E, D, T, attention) for each distinct pair of forward/backward configs."""
+def option_sets(attention: bool) -> list[tuple[str, ...]]:
+    """Every combination of options the launcher can meet for one op."""
+    contexts = ((), ("per_row_context",)) if attention else ((),)
+    flags = [(), ("top_k",)], [(), ("weights",)]
+    return [c + m + k + w for c, m, k, w in itertools.product(contexts, MASKS, *flags)]
+
+
+def _distinct(shapes, capabilities, option_lists) -> list[tuple]:
+    """(capability, E, D, T, attention, options) for each distinct pair of forward/backward configs."""
     from fused_gate.kernels.config import tile_config
 
     seen: dict = {}
-    for e, d, t in GRID + EXTREMES:
+    for e, d, t in shapes:
         seen.setdefault((tile_config(e, d, t, False), tile_config(e, d, t, True), t), (e, d, t))
-    shapes = sorted(seen.values())
-    cases = [(cc, *shape, True) for cc in CAPABILITIES for shape in shapes]
-    return cases + [(cc, 16, 512, 16, False) for cc in CAPABILITIES]
+    return [
+        (cc, *shape, attention, options)
+        for cc in capabilities
+        for shape in sorted(seen.values())
+        for attention in (True, False)
+        for options in option_lists(attention)
+    ]
+
+
+def _heaviest(attention: bool) -> list[tuple[str, ...]]:
+    return [HEAVIEST]
+
+
+def ci_cases() -> list[tuple]:
+    """What ``tests/test_compile.py`` checks (see the module docstring)."""
+    every_t = [(e, d, t) for e, d in WIDEST for t in range(1, 17)]
+    cases = [c for c in _distinct(GRID + EXTREMES, CAPABILITIES, _heaviest) if c[4] or c[0] == 90]
+    cases += [c for c in _distinct(every_t, (90,), _heaviest) if c not in cases]
+    return cases + [c for c in _distinct([(8, 1024, 8)], (90,), option_sets) if c not in cases]
+
+
+def full_cases() -> list[tuple]:
+    shapes = [(e, d, t) for e, d, _ in GRID for t in range(1, 17)] + EXTREMES
+    return _distinct(shapes, CAPABILITIES, option_sets)
+
+
+def occupancy_cases(shapes) -> list[tuple]:
+    """sm_90, no option, every (E, D, T) of ``shapes`` (one case per shape, not deduplicated)."""
+    return [(90, e, d, t, attention, ()) for e, d, t in shapes for attention in (True, False)]
 
 
 def compile_launch(launch, capability: int):
@@ -80,7 +128,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups()), strict=True))
 
 
-def planned_launches(experts: int, dim: int, tasks: int, attention: bool):
+def planned_launches(experts: int, dim: int, tasks: int, attention: bool, options: tuple[str, ...] = ()):
     import torch
 
     from fused_gate.kernels.gate_mix_bwd import plan_backward
@@ -88,14 +136,21 @@ def planned_launches(experts: int, dim: int, tasks: int, attention: bool):
 
     dt = torch.bfloat16
     h = torch.empty(BATCH, experts, dim, dtype=dt)
-    q = torch.empty(tasks, dim, dtype=dt) if attention else torch.empty(BATCH, tasks, experts, dtype=dt)
-    mask = torch.ones(BATCH, tasks, experts, dtype=torch.bool)
-    top_k = max(1, experts // 2)
-    kept = torch.empty(BATCH, tasks, experts, dtype=torch.bool)
-    _, _, fwd = plan_forward(h, q, mask, 0.125, top_k, attention=attention, return_weights=True, kept=kept)
+    if attention:
+        q = torch.empty(*(BATCH,) * ("per_row_context" in options), tasks, dim, dtype=dt)
+    else:
+        q = torch.empty(BATCH, tasks, experts, dtype=dt)
+    mask = None
+    if "shared_mask" in options or "per_row_mask" in options:
+        mask = torch.ones(*(BATCH,) * ("per_row_mask" in options), tasks, experts, dtype=torch.bool)
+    top_k = max(1, experts // 2) if "top_k" in options else None
+    # With top-k the forward records the experts it kept, and the backward takes them as its mask.
+    kept = torch.empty(BATCH, tasks, experts, dtype=torch.bool) if top_k is not None else None
+    weights = "weights" in options
+    _, _, fwd = plan_forward(h, q, mask, 0.125, top_k, attention=attention, return_weights=weights, kept=kept)
     grad_y = torch.empty(BATCH, tasks, dim, dtype=dt)
-    grad_p = torch.empty(BATCH, tasks, experts, dtype=dt)
-    _, _, bwd = plan_backward(grad_y, grad_p, h, q, kept, 0.125, attention=attention)
+    grad_p = torch.empty(BATCH, tasks, experts, dtype=dt) if weights else None
+    _, _, bwd = plan_backward(grad_y, grad_p, h, q, kept if kept is not None else mask, 0.125, attention=attention)
     return fwd + bwd
 
 
@@ -111,22 +166,32 @@ def compile_record(launch, capability: int, case: list) -> dict:
 
 
 def compile_case(case) -> list[dict]:
-    capability, experts, dim, tasks, attention = case
-    return [
-        compile_record(launch, capability, list(case)) for launch in planned_launches(experts, dim, tasks, attention)
-    ]
+    capability, experts, dim, tasks, attention, options = case
+    launches = planned_launches(experts, dim, tasks, attention, options)
+    return [compile_record(launch, capability, list(case)) for launch in launches]
 
 
 def compile_probes(capability: int) -> list[dict]:
-    return [compile_record(launch, capability, ["probe"]) for launch in probe_launches()]
+    return [compile_record(launch, capability, ["probe", []]) for launch in probe_launches()]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.aot", description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--full", action="store_true", help="every T and option combination (see above)")
+    which.add_argument("--occupancy", metavar="E,D,T;...", help="no-option cases for these shapes, sm_90")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = [r for records in pool.map(compile_case, distinct_cases()) for r in records]
-    results += compile_probes(CAPABILITIES[-1])
+    if args.occupancy:
+        cases = occupancy_cases([tuple(map(int, s.split(","))) for s in args.occupancy.split(";")])
+    else:
+        cases = full_cases() if args.full else ci_cases()
+    workers = max(1, min(16 if args.full else 4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = [r for records in pool.map(compile_case, cases) for r in records]
+    if not args.occupancy:
+        results += compile_probes(CAPABILITIES[-1])
     json.dump(results, sys.stdout)
 
 

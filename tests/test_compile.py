@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .aot import distinct_cases
+from bench.occupancy import resident
+
+from .aot import ci_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,13 +30,14 @@ def report() -> dict[tuple, list[dict]]:
     assert run.returncode == 0, f"AOT compilation failed:\n{run.stderr[-5000:]}"
     by_case: dict[tuple, list[dict]] = {}
     for record in json.loads(run.stdout):
-        by_case.setdefault(tuple(record["case"]), []).append(record)
+        *shape, options = record["case"]
+        by_case.setdefault((*shape, tuple(options)), []).append(record)
     return by_case
 
 
-@pytest.mark.parametrize(("capability", "experts", "dim", "tasks", "attention"), distinct_cases())
-def test_compiles_without_spills(report, capability, experts, dim, tasks, attention):
-    records = report[(capability, experts, dim, tasks, attention)]
+@pytest.mark.parametrize(("capability", "experts", "dim", "tasks", "attention", "options"), ci_cases())
+def test_compiles_without_spills(report, capability, experts, dim, tasks, attention, options):
+    records = report[(capability, experts, dim, tasks, attention, options)]
     names = {r["kernel"] for r in records}
     assert {"gate_mix_fwd_kernel", "gate_mix_bwd_kernel"} <= names
     for r in records:
@@ -44,7 +47,7 @@ def test_compiles_without_spills(report, capability, experts, dim, tasks, attent
 def test_addresses_are_64_bit(report):
     """``B * E * D > 2**31``, or a small operand in a transposed layout, must not overflow: no load
     or store offset of any kernel comes from 32-bit arithmetic on a caller's value."""
-    kernels = [r for case, records in report.items() if case != ("probe",) for r in records]
+    kernels = [r for case, records in report.items() if case != ("probe", ()) for r in records]
     assert kernels
     for r in kernels:
         assert not r["narrow_address_arithmetic"], f"{r['kernel']} {r['case']}: {r['narrow_address_arithmetic']}"
@@ -53,6 +56,15 @@ def test_addresses_are_64_bit(report):
 def test_address_analysis_flags_32_bit_offsets(report):
     """The analysis itself (``tests/address_width.py``): ``t * stride`` in 32 bits is flagged, the
     widened form is not."""
-    probes = {r["kernel"]: r["narrow_address_arithmetic"] for r in report[("probe",)]}
+    probes = {r["kernel"]: r["narrow_address_arithmetic"] for r in report[("probe", ())]}
     assert any("arith.muli" in line for line in probes["probe_narrow"])
     assert probes["probe_wide"] == []
+
+
+def test_h100_occupancy_model_on_hand_numbers():
+    # 223 registers round up to 7168 per warp: one 8-warp program fits 65536 registers.
+    assert resident(223, 8, 0) == (1, "registers")
+    # 64 registers: 2048 per warp, 4 programs of 8 warps; 40 KiB of shared memory would allow 5.
+    assert resident(64, 8, 40 * 1024) == (4, "registers")
+    assert resident(32, 1, 0) == (32, "programs")
+    assert resident(32, 4, 100 * 1024) == (2, "shared")

@@ -1,0 +1,44 @@
+"""``bash scripts/dev.sh gpu --dry-run``: the GPU campaign's steps, reduced, on the CPU through the interpreter.
+
+Checks that every step runs and that OUTDIR receives at most six files (a remote GPU run returns only a
+few): the results tarball, the report, the plots and the summary. Nothing here looks at a speed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.campaign import MAX_FILES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run rehearses the campaign on a machine without a GPU")
+def test_dry_run_runs_every_step_and_writes_a_few_files(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    done = subprocess.run(
+        ["bash", "scripts/dev.sh", "gpu", str(out), "--dry-run", "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, (
+        done.stdout[-3000:] + done.stderr[-3000:] + (results / "campaign.log").read_text()[-3000:]
+    )
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= MAX_FILES
+    assert {"summary.md", "results.tar.gz", "report.md"} <= set(files)
+    assert any(name.startswith("gbps_") and name.endswith(".png") for name in files)
+    summary = (out / "summary.md").read_text()
+    assert "Dry run" in summary and summary.count("| ok |") == 5 and "| target | measured | met |" in summary
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    for produced in ("tests.xml", "README.md", "tune_attention_mix_fp32.md", "traffic_bf16.md", "campaign.log"):
+        assert f"results/{produced}" in names, names
