@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fused_gate._checks import validate_positive_float, validate_top_k
 from fused_gate.modules import AttentionMix
 from fused_gate.ops import softmax_mix
 
@@ -60,7 +61,8 @@ class SoftmaxGate(nn.Module):
     ) -> None:
         super().__init__()
         self.num_tasks, self.num_experts = num_tasks, num_experts
-        self.temperature, self.top_k = temperature, top_k
+        self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
+        self.top_k = validate_top_k(top_k, num_experts)
         self.linear = nn.Linear(in_features, num_tasks * num_experts, bias=bias)
         self.register_buffer("mask", mask, persistent=mask is not None)
 
@@ -149,6 +151,7 @@ class MMoE(nn.Module):
         super().__init__()
         _check_gate(gate)
         self.gate_kind = gate
+        top_k = validate_top_k(top_k, num_experts)
         self.experts = Experts(in_features, num_experts, expert_hidden)
         if gate == "attention":
             self.gate = AttentionMix(num_tasks, expert_hidden, top_k=top_k)
@@ -190,6 +193,7 @@ class CGCLevel(nn.Module):
         _check_gate(gate)
         self.gate_kind = gate
         num_experts = num_shared_experts + num_tasks * num_task_experts
+        top_k = validate_top_k(top_k, num_experts)
         # Which input each expert reads: the shared input (index T) or its task's input.
         group = [num_tasks] * num_shared_experts + [t for t in range(num_tasks) for _ in range(num_task_experts)]
         self.register_buffer("group", torch.tensor(group), persistent=False)

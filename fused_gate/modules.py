@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fused_gate._checks import validate_positive_float, validate_top_k
 from fused_gate.ops import attention_mix
 
 
@@ -71,7 +72,9 @@ class AttentionMix(nn.Module):
         super().__init__()
         if num_tasks < 1 or dim < 1:
             raise ValueError(f"num_tasks and dim must be >= 1, got num_tasks={num_tasks}, dim={dim}")
-        self.num_tasks, self.dim, self.scale, self.top_k = num_tasks, dim, scale, top_k
+        self.num_tasks, self.dim = num_tasks, dim
+        self.scale = None if scale is None else validate_positive_float("scale", scale)
+        self.top_k = validate_top_k(top_k)
         self.context = nn.Parameter(torch.empty(num_tasks, dim, device=device, dtype=dtype))
         _check_module_mask(mask, num_tasks)
         self.register_buffer("mask", None if mask is None else mask.to(device), persistent=mask is not None)

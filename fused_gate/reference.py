@@ -201,6 +201,7 @@ class _AttentionMix(torch.autograd.Function):
         _, _, allowed = output
         ctx.mark_non_differentiable(allowed)
         ctx.save_for_backward(h, context, allowed)
+        ctx.save_for_forward(h, context, allowed)
         ctx.scale = scale
 
     @staticmethod
@@ -310,6 +311,7 @@ class _SoftmaxMix(torch.autograd.Function):
         _, _, allowed = output
         ctx.mark_non_differentiable(allowed)
         ctx.save_for_backward(logits, h, allowed)
+        ctx.save_for_forward(logits, h, allowed)
         ctx.temperature = temperature
 
     @staticmethod
