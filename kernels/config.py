@@ -47,9 +47,6 @@ class TileConfig:
     # Software pipelining of the D-chunk loops keeps several tiles live and spills; the kernels are
     # latency-hidden by running several programs per SM instead.
     num_stages: int = 1
-    # An explicit register limit: without one, ptxas may spill a few registers to reach an occupancy
-    # of its own choosing; the tile sizes here already set the occupancy (tests/aot.py checks both).
-    max_registers: int = 255
 
 
 @functools.lru_cache(maxsize=1024)
@@ -90,6 +87,18 @@ def tile_config(num_experts: int, dim: int, num_tasks: int, backward: bool) -> T
         num_warps=num_warps,
         single_chunk=block_d >= dim,
     )
+
+
+def register_limit(*, backward: bool, attention: bool) -> int:
+    """The per-thread register limit handed to ptxas.
+
+    An explicit limit: without one, ptxas may spill a few registers to reach an occupancy of its own
+    choosing. 128 keeps two 8-warp programs (16 warps) resident per SM, and every forward and softmax
+    backward tile fits it; the attention backward also keeps its ``dC`` partial and the ``C`` term of
+    ``dH`` live, so it gets the whole register file instead (its occupancy is listed by
+    ``python -m bench.occupancy``). ``tests/test_compile.py`` checks that nothing spills.
+    """
+    return 255 if backward and attention else 128
 
 
 @functools.lru_cache(maxsize=16)

@@ -29,6 +29,7 @@ from fused_gate.kernels.config import (
     TileConfig,
     mask_operand,
     max_persistent_programs,
+    register_limit,
     row_strides,
     tile_config,
 )
@@ -358,7 +359,7 @@ def plan_backward(
         SINGLE_CHUNK=cfg.single_chunk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        maxnreg=cfg.max_registers,
+        maxnreg=register_limit(backward=True, attention=attention),
     )
     launches = [KernelLaunch(gate_mix_bwd_kernel, (programs,), args, meta)]
     if shared_context:

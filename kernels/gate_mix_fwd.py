@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, row_strides, tile_config
+from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, register_limit, row_strides, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     finite_or_zero,
@@ -236,7 +236,7 @@ def plan_forward(
         SINGLE_CHUNK=cfg.single_chunk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        maxnreg=cfg.max_registers,
+        maxnreg=register_limit(backward=False, attention=attention),
     )
     return y, p, [KernelLaunch(gate_mix_fwd_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
 
