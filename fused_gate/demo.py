@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import fused_gate as fg
 from fused_gate.synthetic import make_tasks
+from fused_gate.training import Progress, train
 
 GATES = ("softmax", "attention")
 
@@ -48,46 +48,25 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Progress:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        width = 30
-        filled = width * self.done // self.total
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label:<28} {elapsed:5.0f}s elapsed, ~{eta:4.0f}s left")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _train(args, gate: str, x, y, x_test, y_test, seed: int) -> tuple[list[float], list[float]]:
     """Train one MMoE; returns the test-loss curve (mean over tasks) and the final per-task test MSE."""
     torch.manual_seed(seed)
     model = fg.MMoE(args.input_dim, args.experts, args.expert_hidden, 2, gate=gate, tower_hidden=args.tower_hidden).to(
         args.device
     )
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    order = torch.Generator().manual_seed(seed)
-    curve = []
-    for step in range(args.steps):
-        idx = torch.randint(0, x.shape[0], (args.batch_size,), generator=order).to(args.device)
-        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            with torch.no_grad():
-                curve.append(nn.functional.mse_loss(model(x_test), y_test).item())
-    with torch.no_grad():
-        per_task = ((model(x_test) - y_test) ** 2).mean(0).tolist()
-    return curve, per_task
+    history = train(
+        model,
+        x,
+        y,
+        x_test,
+        y_test,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        seed=seed,
+    )
+    return [statistics.fmean(mse) for mse in history.mse], history.mse[-1]
 
 
 def _gate_step_ms(args, fn, repeats: int = 20) -> float:
@@ -145,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         f"d={args.input_dim}, {args.experts} experts x {args.expert_hidden} units, towers {args.tower_hidden}, "
         f"{args.steps} steps of {args.batch_size}, {args.seeds} seeds, Adam lr {args.lr}\n"
     )
-    progress = _Progress(len(args.correlations) * len(GATES) * args.seeds)
+    progress = Progress(len(args.correlations) * len(GATES) * args.seeds)
     curves: dict = {}
     finals: dict = {}
     for corr in args.correlations:
