@@ -85,12 +85,12 @@ class Outcome:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fused_gate.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: p = 0.5 only, 2 seeds, 60 steps")
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: p = 0.5 only, 2 seeds, 40 steps")
     parser.add_argument("--correlations", type=float, nargs="+", help="two-task cosines (default 0.5 0.9 1.0)")
     parser.add_argument("--four-tasks", action=argparse.BooleanOptionalAction, help="the 4-task, 16-expert setting")
     parser.add_argument("--seeds", type=int, help="seeds at the chosen learning rate (default 5)")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds per learning rate in the sweep")
-    parser.add_argument("--steps", type=int, help="step budget per run (default 10000)")
+    parser.add_argument("--steps", type=int, help="step budget per run (default 5000)")
     parser.add_argument("--eval-every", type=int, help="steps between validation evaluations (default 100)")
     parser.add_argument("--patience", type=int, help="evaluations without improvement before stopping (default 20)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -106,7 +106,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "four_tasks": True,
         "workers": min(2, os.cpu_count() or 1),
         "seeds": 5,
-        "steps": 10000,
+        "steps": 5000,
         "eval_every": 100,
     }
     full |= {"patience": 20, "train_size": 50000, "val_size": 5000, "test_size": 10000}
@@ -115,11 +115,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "four_tasks": False,
         "seeds": 2,
         "workers": 1,
-        "steps": 60,
+        "steps": 40,
         "eval_every": 20,
         "patience": 2,
     }
-    quick |= {"train_size": 2000, "val_size": 500, "test_size": 500}
+    quick |= {"train_size": 1000, "val_size": 300, "test_size": 300}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -310,6 +310,20 @@ def _pyplot():
 COLORS = {"softmax": "tab:blue", "attention": "tab:orange"}
 
 
+def _label(ax, title: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, title: str, path: Path) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_learning_curves(plt, setting_list, finals, path: Path) -> None:
     """One panel per setting and task: each seed's validation MSE over training, a dot at its best step."""
     columns = max(s.tasks for s in setting_list)
@@ -331,14 +345,9 @@ def plot_learning_curves(plt, setting_list, finals, path: Path) -> None:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain)
-            ax.set_title(f"{setting.name}: task {task + 1}", fontsize=10)
-            ax.set_xlabel("training step")
-            ax.set_ylabel("validation MSE")
-            ax.legend(fontsize=7)
-    fig.suptitle("MMoE validation MSE per task, one line per seed (dot: best step, whose weights are tested)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            _label(ax, f"{setting.name}: task {task + 1}", "validation MSE")
+    title = "MMoE validation MSE per task, one line per seed (dot: best step, whose weights are tested)"
+    _save(plt, fig, title, path)
 
 
 def plot_gate_entropy(plt, setting_list, finals, path: Path) -> None:
@@ -352,14 +361,8 @@ def plot_gate_entropy(plt, setting_list, finals, path: Path) -> None:
                     o.history.steps, entropy, color=COLORS[g], alpha=0.55, lw=1, label=f"{g} gate" if i == 0 else None
                 )
         ax.set_ylim(0, 1.02)
-        ax.set_title(setting.name, fontsize=10)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("gate entropy / log E")
-        ax.legend(fontsize=7)
-    fig.suptitle("Gate weights' entropy on the validation rows (1 = uniform over experts, 0 = one expert)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, setting.name, "gate entropy / log E")
+    _save(plt, fig, "Gate weights' entropy on the validation rows (1 = uniform over experts, 0 = one expert)", path)
 
 
 def run(args: argparse.Namespace) -> dict:
