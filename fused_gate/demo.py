@@ -1,6 +1,6 @@
 """Demo: MMoE with the classic softmax gate vs the attention gate, on the MMoE paper's synthetic tasks.
 
-    python -m fused_gate.demo [--correlations 0.5 0.9 1.0 --seeds 3 --steps 1500 --device cuda]
+    python -m fused_gate.demo [--correlations 0.5 0.9 1.0 --seeds 3 --steps 5000 --device cuda]
 
 For each task correlation and seed both models start from the same seed, see the same batches and
 train for the same number of steps (Adam, MSE per task). The demo prints each gate's final per-task
@@ -33,7 +33,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fused_gate.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per correlation")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-size", type=int, default=50000)
     parser.add_argument("--test-size", type=int, default=2000)
@@ -41,7 +41,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--expert-hidden", type=int, default=16)
     parser.add_argument("--tower-hidden", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the loss-curve PNG")

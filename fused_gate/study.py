@@ -327,7 +327,8 @@ def _save(plt, fig, title: str, path: Path) -> None:
 def plot_learning_curves(plt, setting_list, finals, path: Path) -> None:
     """One panel per setting and task: each seed's validation MSE over training, a dot at its best step."""
     columns = max(s.tasks for s in setting_list)
-    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
+    from matplotlib import ticker
+
     fig, axes = plt.subplots(
         len(setting_list), columns, figsize=(3.6 * columns, 2.9 * len(setting_list)), squeeze=False
     )
@@ -343,8 +344,9 @@ def plot_learning_curves(plt, setting_list, finals, path: Path) -> None:
                     ax.plot(h.steps, [m[task] for m in h.mse], color=COLORS[g], alpha=0.55, lw=1, label=label)
                     ax.plot(h.best_step, h.best_mse[task], "o", color=COLORS[g], ms=3)
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             _label(ax, f"{setting.name}: task {task + 1}", "validation MSE")
     title = "MMoE validation MSE per task, one line per seed (dot: best step, whose weights are tested)"
     _save(plt, fig, title, path)
