@@ -13,7 +13,7 @@ Protocol, the same for both gates: Adam on batches of 128 for at most ``--steps`
 learning rate: the grid 1e-3 ... 1e-1 (half decades) is swept on ``--sweep-seeds`` seeds, the rate with the
 lowest validation MSE wins, and the grid is widened while the winner sits on its edge. Then ``--seeds``
 other seeds train at the chosen rate and are scored on the test split. Seed s fixes the data set, the
-initial weights of the shared layers and the batch order, identically for both gates.
+experts' initial weights and the batch order, identically for both gates.
 
 Verdict per setting and task, on the test MSE over the seeds: with ``d = mean(attention) - mean(softmax)``
 and ``se = sqrt(sd_a^2 / n + sd_s^2 / n)`` (sample standard deviations, n seeds each), the attention gate
