@@ -1,6 +1,6 @@
 """Demo: MMoE with the classic softmax gate vs the attention gate, on the MMoE paper's synthetic tasks.
 
-    python -m fused_gate.demo [--quick] [--correlations 0.5 0.9 1.0 --seeds 3 --steps 1500 --device cuda]
+    python -m fused_gate.demo [--quick] [--correlations 0.5 0.9 1.0 --seeds 3 --steps 5000 --device cuda]
 
 For each task correlation and seed both models start from the same seed, see the same batches and
 train for the same number of steps (Adam, MSE per task). The demo prints each gate's final per-task
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import fused_gate as fg
 from fused_gate.synthetic import make_tasks
+from fused_gate.training import Progress, train
 
 GATES = ("softmax", "attention")
 
@@ -37,7 +37,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per correlation")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-size", type=int, default=50000)
     parser.add_argument("--test-size", type=int, default=2000)
@@ -45,7 +45,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--expert-hidden", type=int, default=16)
     parser.add_argument("--tower-hidden", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the loss-curve PNG")
@@ -59,44 +59,25 @@ def _seeds(n: int) -> str:
     return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
-class _Progress:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        width = 30
-        filled = width * self.done // self.total
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label:<28} {elapsed:5.0f}s elapsed, ~{eta:4.0f}s left")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _train(args, gate: str, x, y, x_test, y_test, seed: int) -> tuple[list[list[float]], list[float]]:
     """Train one MMoE; returns the test MSE ``[task 1, task 2]`` at each evaluation, and the last one."""
     torch.manual_seed(seed)
     model = fg.MMoE(args.input_dim, args.experts, args.expert_hidden, 2, gate=gate, tower_hidden=args.tower_hidden).to(
         args.device
     )
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    order = torch.Generator().manual_seed(seed)
-    curve = []
-    for step in range(args.steps):
-        idx = torch.randint(0, x.shape[0], (args.batch_size,), generator=order).to(args.device)
-        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            with torch.no_grad():
-                curve.append(((model(x_test) - y_test) ** 2).mean(0).tolist())
-    return curve, curve[-1]
+    history = train(
+        model,
+        x,
+        y,
+        x_test,
+        y_test,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        seed=seed,
+    )
+    return history.mse, history.mse[-1]
 
 
 def _gate_step_ms(args, fn, repeats: int = 20) -> float:
@@ -158,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         f"d={args.input_dim}, {args.experts} experts x {args.expert_hidden} units, towers {args.tower_hidden}, "
         f"{args.steps} steps of {args.batch_size}, {_seeds(args.seeds)}, Adam lr {args.lr}\n"
     )
-    progress = _Progress(len(args.correlations) * len(GATES) * args.seeds)
+    progress = Progress(len(args.correlations) * len(GATES) * args.seeds)
     curves: dict = {}
     finals: dict = {}
     for corr in args.correlations:

@@ -7,6 +7,9 @@ Task similarity is controlled by ``correlation`` = the cosine of the tasks' weig
 
 with the public generator's choices ``c = 1``, ``m = 10``, ``alpha_i = i``, ``beta_i = (i - 1)^2``. The
 sine terms make the label correlation lower than ``p``; ``p`` is what is reported.
+
+More than two tasks take a ``[T, T]`` matrix ``R`` of cosines instead of ``p``: ``W = V sqrt(L) U^T``
+with ``R = V L V^T`` and ``U`` a ``[d, T]`` orthonormal basis, so that ``W W^T = R``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,42 @@ def task_weights(dim: int, correlation: float, generator: torch.Generator, scale
     return scale * torch.stack([u1, w2])
 
 
+def cosine_task_weights(dim: int, cosines: Tensor, generator: torch.Generator) -> Tensor:
+    """``[T, dim]``: T unit weight vectors whose pairwise cosines are the ``[T, T]`` matrix ``cosines``."""
+    cosines = torch.as_tensor(cosines, dtype=torch.float64)
+    tasks = cosines.shape[0] if cosines.dim() == 2 else 0
+    if cosines.shape != (tasks, tasks) or tasks == 0 or tasks > dim:
+        raise ValueError(f"cosines must be a square [T, T] matrix with 1 <= T <= dim={dim}, got {tuple(cosines.shape)}")
+    if not torch.equal(cosines, cosines.T) or not torch.allclose(
+        cosines.diagonal(), torch.ones(tasks, dtype=torch.float64)
+    ):
+        raise ValueError("cosines must be symmetric with ones on the diagonal")
+    eigenvalues, eigenvectors = torch.linalg.eigh(cosines)
+    if eigenvalues.min() < -1e-9:
+        raise ValueError(f"cosines must be positive semi-definite, smallest eigenvalue {eigenvalues.min().item():.3g}")
+    u, _ = torch.linalg.qr(torch.randn(dim, tasks, generator=generator, dtype=torch.float64))
+    return eigenvectors * eigenvalues.clamp(min=0).sqrt() @ u.T
+
+
 def make_tasks(
     num_samples: int,
     dim: int,
-    correlation: float,
+    correlation: float | Tensor,
     generator: torch.Generator,
     *,
     num_sines: int = 10,
     noise: float = 0.01,
 ) -> tuple[Tensor, Tensor]:
-    """``(x [N, dim], y [N, 2])`` in float32; the two tasks share ``x`` and differ by their weights."""
-    weights = task_weights(dim, correlation, generator)
+    """``(x [N, dim], y [N, T])`` in float32; the tasks share ``x`` and differ by their weights.
+
+    ``correlation`` is the cosine ``p`` of two tasks' weights (T = 2), or a ``[T, T]`` matrix of cosines.
+    """
+    if isinstance(correlation, Tensor):
+        weights = cosine_task_weights(dim, correlation, generator)
+    else:
+        weights = task_weights(dim, correlation, generator)
     x = torch.randn(num_samples, dim, generator=generator, dtype=torch.float64)
-    z = x @ weights.T  # [N, 2]
+    z = x @ weights.T  # [N, T]
     i = torch.arange(1, num_sines + 1, dtype=torch.float64)
     alpha, beta = i, (i - 1) ** 2
     y = z + torch.sin(alpha * z[..., None] + beta).sum(-1)
