@@ -203,8 +203,7 @@ def _softmax_mix_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
     if uses_kernels(h):
-        dh, dz = gate_mix_backward(grad_y, grad_p, h, logits, mask, 1.0 / temperature, attention=False)
-        return dz, dh
+        return gate_mix_backward(grad_y, grad_p, h, logits, mask, 1.0 / temperature, attention=False)
     return reference.softmax_mix_backward(grad_y, logits, h, temperature=temperature, mask=mask, grad_weights=grad_p)
 
 

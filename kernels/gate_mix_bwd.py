@@ -55,13 +55,13 @@ def _score_and_grad_dots(
     rows,
     offs_t,
     offs_d,
-    q_ptr,
+    cz_ptr,
     g_ptr,
     B,
     D,
-    stride_qb,
-    stride_qt,
-    stride_qx,
+    stride_czb,
+    stride_czt,
+    stride_czx,
     stride_gb,
     stride_gt,
     stride_gd,
@@ -70,13 +70,13 @@ def _score_and_grad_dots(
     NUM_TASKS: tl.constexpr,
 ):
     """Over one D chunk: ``s += <C[t], H[e]>`` (ATTENTION) and ``dp += <G[t], H[e]>`` for every task."""
-    c_t = q_ptr
+    c_t = cz_ptr
     g_t = g_ptr
     for t in range(0, NUM_TASKS):
         if ATTENTION:
-            c = load_task_vector(c_t, rows, offs_d, B, D, stride_qb, stride_qx, PER_ROW_CONTEXT)
+            c = load_task_vector(c_t, rows, offs_d, B, D, stride_czb, stride_czx, PER_ROW_CONTEXT)
             s = add_task_dots(s, tile, c, t, offs_t)
-            c_t += stride_qt
+            c_t += stride_czt
         g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
         dp = add_task_dots(dp, tile, g, t, offs_t)
         g_t += stride_gt
@@ -94,26 +94,26 @@ def _input_grads_chunk(
     offs_e,
     offs_d,
     first_block,
-    q_ptr,
+    cz_ptr,
     g_ptr,
     dh_ptr,
-    dq_ptr,
+    dcz_ptr,
     ws_slot,
     ws_pitch,
     B,
     E,
     D,
     scale,
-    stride_qb,
-    stride_qt,
-    stride_qx,
+    stride_czb,
+    stride_czt,
+    stride_czx,
     stride_gb,
     stride_gt,
     stride_gd,
     stride_dhb,
     stride_dhe,
-    stride_dqb,
-    stride_dqt,
+    stride_dczb,
+    stride_dczt,
     ATTENTION: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
     NUM_TASKS: tl.constexpr,
@@ -127,9 +127,9 @@ def _input_grads_chunk(
     dh = tl.zeros_like(tile)
     if ATTENTION:
         tile = finite_or_zero(tile)  # exact: see finite_or_zero
-    c_t = q_ptr
+    c_t = cz_ptr
     g_t = g_ptr
-    dc_t = dq_ptr
+    dc_t = dcz_ptr
     ws_t = ws_slot
     for t in range(0, NUM_TASKS):
         g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
@@ -137,13 +137,13 @@ def _input_grads_chunk(
         dh += task_row(p, t, offs_t)[:, :, None] * g
         if ATTENTION:
             ds_t = task_row(ds, t, offs_t)[:, :, None]
-            c = load_task_vector(c_t, rows, offs_d, B, D, stride_qb, stride_qx, PER_ROW_CONTEXT)
-            c_t += stride_qt
+            c = load_task_vector(c_t, rows, offs_d, B, D, stride_czb, stride_czx, PER_ROW_CONTEXT)
+            c_t += stride_czt
             dh += scale * ds_t * c
             dc = scale * tl.sum(ds_t * tile, axis=1)
             if PER_ROW_CONTEXT:
-                store_task_vector(dc_t, dc, rows, offs_d, B, D, stride_dqb)
-                dc_t += stride_dqt
+                store_task_vector(dc_t, dc, rows, offs_d, B, D, stride_dczb)
+                dc_t += stride_dczt
             elif SINGLE_CHUNK:
                 dc_acc = tl.where((offs_t == t)[:, None], dc_acc + tl.sum(dc, axis=0)[None, :], dc_acc)
             else:
@@ -160,12 +160,12 @@ def _input_grads_chunk(
 @triton.jit
 def gate_mix_bwd_kernel(
     h_ptr,
-    q_ptr,
+    cz_ptr,
     mask_ptr,
     g_ptr,
     gp_ptr,
     dh_ptr,
-    dq_ptr,
+    dcz_ptr,
     ws_ptr,
     B,
     E,
@@ -174,9 +174,9 @@ def gate_mix_bwd_kernel(
     stride_hb,
     stride_he,
     stride_hd,
-    stride_qb,
-    stride_qt,
-    stride_qx,
+    stride_czb,
+    stride_czt,
+    stride_czx,
     stride_mb,
     stride_mt,
     stride_me,
@@ -188,8 +188,8 @@ def gate_mix_bwd_kernel(
     stride_gpe,
     stride_dhb,
     stride_dhe,
-    stride_dqb,
-    stride_dqt,
+    stride_dczb,
+    stride_dczt,
     ATTENTION: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -202,8 +202,9 @@ def gate_mix_bwd_kernel(
     ROWS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
-    """Persistent over row blocks; ``dq`` is ``dC`` (per-row context) or ``dZ`` (softmax gate),
-    ``ws`` the ``[programs, T, D]`` float32 workspace of a shared context's ``dC``."""
+    """Persistent over row blocks. ``cz`` is the context ``C`` or the logits ``Z``; ``dcz`` receives a
+    per-row ``dC`` or ``dZ``, and ``ws`` is the ``[programs, T, D]`` float32 workspace of a shared
+    context's ``dC``."""
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -219,8 +220,8 @@ def gate_mix_bwd_kernel(
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
             s, dp = _score_and_grad_dots(
-                s, dp, tile, rows, offs_t, offs_d, q_ptr, g_ptr, B, D,
-                stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                s, dp, tile, rows, offs_t, offs_d, cz_ptr, g_ptr, B, D,
+                stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
                 ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
             )  # fmt: skip
         else:
@@ -231,14 +232,14 @@ def gate_mix_bwd_kernel(
                     h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
                 )
                 s, dp = _score_and_grad_dots(
-                    s, dp, chunk, rows, offs_t, offs_d, q_ptr + col * stride_qx, g_ptr + col * stride_gd, B, D - d0,
-                    stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
+                    s, dp, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, g_ptr + col * stride_gd, B, D - d0,
+                    stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
                     ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
                 )  # fmt: skip
 
         # 2. softmax and ds
         if not ATTENTION:
-            s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
+            s = load_gate_tile(cz_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_czb, stride_czt, stride_czx)
         p, _ = gate_weights(
             s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
             0, HAS_MASK, MASK_PER_ROW, False, BLOCK_E,  # no top-k: the mask holds the experts the forward kept
@@ -248,16 +249,16 @@ def gate_mix_bwd_kernel(
         dp = tl.where(p != 0.0, dp, 0.0)
         ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
         if not ATTENTION:
-            store_gate_tile(dq_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dqb, stride_dqt)
+            store_gate_tile(dcz_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dczb, stride_dczt)
 
         # 3. dH, and dC into registers (one tile) or this program's workspace slot (per chunk)
         first_block = block == pid
         if SINGLE_CHUNK:
             dc_acc = _input_grads_chunk(
                 tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
-                q_ptr, g_ptr, dh_ptr, dq_ptr, ws_slot, D, B, E, D, scale,
-                stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                cz_ptr, g_ptr, dh_ptr, dcz_ptr, ws_slot, D, B, E, D, scale,
+                stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
+                stride_dhb, stride_dhe, stride_dczb, stride_dczt,
                 ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
             )  # fmt: skip
         else:
@@ -268,10 +269,10 @@ def gate_mix_bwd_kernel(
                 )
                 dc_acc = _input_grads_chunk(
                     chunk, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
-                    q_ptr + col * stride_qx, g_ptr + col * stride_gd, dh_ptr + col, dq_ptr + col, ws_slot + col, D,
+                    cz_ptr + col * stride_czx, g_ptr + col * stride_gd, dh_ptr + col, dcz_ptr + col, ws_slot + col, D,
                     B, E, D - d0, scale,
-                    stride_qb, stride_qt, stride_qx, stride_gb, stride_gt, stride_gd,
-                    stride_dhb, stride_dhe, stride_dqb, stride_dqt,
+                    stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
+                    stride_dhb, stride_dhe, stride_dczb, stride_dczt,
                     ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
                 )  # fmt: skip
 
@@ -298,7 +299,7 @@ def plan_backward(
     grad_y: Tensor,
     grad_p: Tensor | None,
     h: Tensor,
-    q: Tensor,
+    cz: Tensor,
     mask: Tensor | None,
     scale: float,
     *,
@@ -310,40 +311,40 @@ def plan_backward(
     ``config`` replaces the heuristic tile, as in :func:`plan_forward`.
     """
     batch, experts, dim = h.shape
-    tasks = q.shape[-2]
+    tasks = cz.shape[-2]
     dh = torch.empty((batch, experts, dim), device=h.device, dtype=h.dtype)
     if batch == 0:
-        return dh, torch.zeros(q.shape, device=q.device, dtype=q.dtype), []
-    shared_context = attention and q.dim() == 2
+        return dh, torch.zeros(cz.shape, device=cz.device, dtype=cz.dtype), []
+    shared_context = attention and cz.dim() == 2
     cfg = config or tile_config(experts, dim, tasks, backward=True)
     num_blocks = triton.cdiv(batch, cfg.rows)
     programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dcz = torch.empty(cz.shape, device=cz.device, dtype=cz.dtype)
     # A shared context's dC is written by the reduction kernel; the main kernel only fills the slots.
-    ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32) if shared_context else dq
+    ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32) if shared_context else dcz
     m = mask_operand(mask)
     args = (
         h,
-        q,
+        cz,
         m if m is not None else h,
         grad_y,
         grad_p if grad_p is not None else grad_y,
         dh,
-        dq,
+        dcz,
         ws,
         batch,
         experts,
         dim,
         scale,
         *h.stride(),
-        *row_strides(q),
+        *row_strides(cz),
         *row_strides(m),
         *grad_y.stride(),
         *row_strides(grad_p),
         dh.stride(0),
         dh.stride(1),
-        dq.stride(0),
-        dq.stride(1),
+        dcz.stride(0),
+        dcz.stride(1),
     )
     meta = dict(
         ATTENTION=attention,
@@ -368,18 +369,18 @@ def plan_backward(
             KernelLaunch(
                 context_grad_reduce_kernel,
                 (triton.cdiv(numel, REDUCE_BLOCK),),
-                (ws, dq, programs, numel),
+                (ws, dcz, programs, numel),
                 dict(BLOCK=REDUCE_BLOCK, num_warps=4),
             )
         )
-    return dh, dq, launches
+    return dh, dcz, launches
 
 
 def gate_mix_backward(
     grad_y: Tensor,
     grad_p: Tensor | None,
     h: Tensor,
-    q: Tensor,
+    cz: Tensor,
     mask: Tensor | None,
     scale: float,
     *,
@@ -387,10 +388,11 @@ def gate_mix_backward(
 ) -> tuple[Tensor, Tensor]:
     """Run the backward: one kernel, plus the small dC reduction for a shared context.
 
-    Returns ``(dH [B, E, D], dq)`` with ``dq`` = ``dC`` (shape and dtype of the context) or ``dZ``
-    (shape and dtype of the logits).
+    Returns the gradients in the op's argument order: ``(dH [B, E, D], dC)`` for the attention gate
+    (``attention_mix(h, context)``), ``(dZ, dH)`` for the softmax gate (``softmax_mix(logits, h)``),
+    each in the shape and dtype of its input.
     """
-    dh, dq, launches = plan_backward(grad_y, grad_p, h, q, mask, scale, attention=attention)
+    dh, dcz, launches = plan_backward(grad_y, grad_p, h, cz, mask, scale, attention=attention)
     for launch in launches:
         launch.launch()
-    return dh, dq
+    return (dh, dcz) if attention else (dcz, dh)

@@ -80,7 +80,7 @@ def _mix_and_store(
 @triton.jit
 def gate_mix_fwd_kernel(
     h_ptr,
-    q_ptr,
+    cz_ptr,
     mask_ptr,
     y_ptr,
     p_ptr,
@@ -93,9 +93,9 @@ def gate_mix_fwd_kernel(
     stride_hb,
     stride_he,
     stride_hd,
-    stride_qb,
-    stride_qt,
-    stride_qx,
+    stride_czb,
+    stride_czt,
+    stride_czx,
     stride_mb,
     stride_mt,
     stride_me,
@@ -117,7 +117,7 @@ def gate_mix_fwd_kernel(
     ROWS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
-    """``q`` is the context ``C`` (``ATTENTION``) or the logits ``Z``; see the module docstring.
+    """``cz`` is the context ``C`` (``ATTENTION``) or the logits ``Z``; see the module docstring.
     ``p`` and ``kept`` are contiguous ``[B, T, E]`` and share the strides ``stride_pb, stride_pt``."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs_t = tl.arange(0, BLOCK_T)
@@ -130,7 +130,19 @@ def gate_mix_fwd_kernel(
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
             s = _context_scores(
-                s, tile, rows, offs_t, offs_d, q_ptr, B, D, stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT, NUM_TASKS
+                s,
+                tile,
+                rows,
+                offs_t,
+                offs_d,
+                cz_ptr,
+                B,
+                D,
+                stride_czb,
+                stride_czt,
+                stride_czx,
+                PER_ROW_CONTEXT,
+                NUM_TASKS,
             )
         else:
             for d0 in range(0, D, BLOCK_D):
@@ -140,11 +152,11 @@ def gate_mix_fwd_kernel(
                     h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
                 )
                 s = _context_scores(
-                    s, chunk, rows, offs_t, offs_d, q_ptr + col * stride_qx, B, D - d0,
-                    stride_qb, stride_qt, stride_qx, PER_ROW_CONTEXT, NUM_TASKS,
+                    s, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, B, D - d0,
+                    stride_czb, stride_czt, stride_czx, PER_ROW_CONTEXT, NUM_TASKS,
                 )  # fmt: skip
     else:
-        s = load_gate_tile(q_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_qb, stride_qt, stride_qx)
+        s = load_gate_tile(cz_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_czb, stride_czt, stride_czx)
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
 
@@ -175,7 +187,7 @@ def gate_mix_fwd_kernel(
 
 def plan_forward(
     h: Tensor,
-    q: Tensor,
+    cz: Tensor,
     mask: Tensor | None,
     scale: float,
     top_k: int | None,
@@ -192,7 +204,7 @@ def plan_forward(
     (``bench/tune.py`` sweeps it); its ``block_t`` and ``block_e`` must cover ``T`` and ``E``.
     """
     batch, experts, dim = h.shape
-    tasks = q.shape[-2]
+    tasks = cz.shape[-2]
     y = torch.empty((batch, tasks, dim), device=h.device, dtype=h.dtype)
     p = torch.empty((batch, tasks, experts), device=h.device, dtype=h.dtype) if return_weights else None
     if batch == 0:
@@ -202,7 +214,7 @@ def plan_forward(
     kept_arg = mask_operand(kept)
     args = (
         h,
-        q,
+        cz,
         m if m is not None else h,
         y,
         p if p is not None else y,
@@ -213,7 +225,7 @@ def plan_forward(
         scale,
         top_k or 0,
         *h.stride(),
-        *row_strides(q),
+        *row_strides(cz),
         *row_strides(m),
         y.stride(0),
         y.stride(1),
@@ -222,7 +234,7 @@ def plan_forward(
     )
     meta = dict(
         ATTENTION=attention,
-        PER_ROW_CONTEXT=attention and q.dim() == 3,
+        PER_ROW_CONTEXT=attention and cz.dim() == 3,
         HAS_MASK=m is not None,
         MASK_PER_ROW=m is not None and m.dim() == 3,
         HAS_TOP_K=top_k is not None,
@@ -243,7 +255,7 @@ def plan_forward(
 
 def gate_mix_forward(
     h: Tensor,
-    q: Tensor,
+    cz: Tensor,
     mask: Tensor | None,
     scale: float,
     top_k: int | None,
@@ -252,14 +264,15 @@ def gate_mix_forward(
     return_weights: bool,
     kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Run the forward. ``q``: context ``[T, D]``/``[B, T, D]`` or logits ``[B, T, E]``.
+    """Run the forward. ``cz``: the context ``C [T, D]``/``[B, T, D]`` (attention gate) or the logits
+    ``Z [B, T, E]`` (softmax gate).
 
     Returns ``Y [B, T, D]`` in ``h``'s dtype and, when ``return_weights``, ``p [B, T, E]`` too; fills
     ``kept`` when given (see :func:`plan_forward`). Inputs are validated by the caller; any strides
     are accepted (no copies).
     """
     y, p, launches = plan_forward(
-        h, q, mask, scale, top_k, attention=attention, return_weights=return_weights, kept=kept
+        h, cz, mask, scale, top_k, attention=attention, return_weights=return_weights, kept=kept
     )
     for launch in launches:
         launch.launch()
