@@ -211,31 +211,27 @@ def gate_mix_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dc_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     ws_slot = ws_ptr + pid.to(tl.int64) * NUM_TASKS * D  # this program's [T, D] float32 slot
+    chunks_end = BLOCK_D if SINGLE_CHUNK else D  # one chunk loop trip when the tile spans D
 
     for block in range(pid, tl.cdiv(B, ROWS), tl.num_programs(0)):
         rows = tl.arange(0, ROWS).to(tl.int64) + tl.cast(block, tl.int64) * ROWS
-        # 1. scores and dp = <G, H> over D (one tile, or chunk by chunk)
-        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
-        dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        # 1. scores and dp = <G, H> over D. With SINGLE_CHUNK the tile holds all of D and the chunk
+        # loops run once (a constant trip count the compiler folds away), on the tile in registers.
         if SINGLE_CHUNK:
             tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, chunks_end, BLOCK_D):
+            # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
+            col = tl.cast(d0, tl.int64)
+            chunk = tile if SINGLE_CHUNK else load_expert_tile(
+                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
+            )  # fmt: skip
             s, dp = _score_and_grad_dots(
-                s, dp, tile, rows, offs_t, offs_d, cz_ptr, g_ptr, B, D,
+                s, dp, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, g_ptr + col * stride_gd, B, D - d0,
                 stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
                 ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
             )  # fmt: skip
-        else:
-            for d0 in range(0, D, BLOCK_D):
-                # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
-                col = tl.cast(d0, tl.int64)
-                chunk = load_expert_tile(
-                    h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
-                )
-                s, dp = _score_and_grad_dots(
-                    s, dp, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, g_ptr + col * stride_gd, B, D - d0,
-                    stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
-                    ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
-                )  # fmt: skip
 
         # 2. softmax and ds
         if not ATTENTION:
@@ -253,28 +249,19 @@ def gate_mix_bwd_kernel(
 
         # 3. dH, and dC into registers (one tile) or this program's workspace slot (per chunk)
         first_block = block == pid
-        if SINGLE_CHUNK:
+        for d0 in range(0, chunks_end, BLOCK_D):
+            col = tl.cast(d0, tl.int64)
+            chunk = tile if SINGLE_CHUNK else load_expert_tile(
+                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
+            )  # fmt: skip
             dc_acc = _input_grads_chunk(
-                tile, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
-                cz_ptr, g_ptr, dh_ptr, dcz_ptr, ws_slot, D, B, E, D, scale,
+                chunk, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
+                cz_ptr + col * stride_czx, g_ptr + col * stride_gd, dh_ptr + col, dcz_ptr + col, ws_slot + col, D,
+                B, E, D - d0, scale,
                 stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
                 stride_dhb, stride_dhe, stride_dczb, stride_dczt,
                 ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
             )  # fmt: skip
-        else:
-            for d0 in range(0, D, BLOCK_D):
-                col = tl.cast(d0, tl.int64)
-                chunk = load_expert_tile(
-                    h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
-                )
-                dc_acc = _input_grads_chunk(
-                    chunk, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
-                    cz_ptr + col * stride_czx, g_ptr + col * stride_gd, dh_ptr + col, dcz_ptr + col, ws_slot + col, D,
-                    B, E, D - d0, scale,
-                    stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
-                    stride_dhb, stride_dhe, stride_dczb, stride_dczt,
-                    ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
-                )  # fmt: skip
 
     # 4. flush the register-held dC partial into this program's slot
     if ATTENTION and not PER_ROW_CONTEXT and SINGLE_CHUNK:

@@ -124,41 +124,26 @@ def gate_mix_fwd_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
 
-    # 1. scores: <C[t], H[b,e]> over D (one tile, or chunk by chunk), or the given logits
+    # 1. scores: <C[t], H[b,e]> over D, or the given logits. With SINGLE_CHUNK the tile holds all
+    # of D and the chunk loops below run once (a constant trip count the compiler folds away), on
+    # the tile already in registers.
+    chunks_end = BLOCK_D if SINGLE_CHUNK else D
+    if SINGLE_CHUNK:
+        tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
     if ATTENTION:
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
-        if SINGLE_CHUNK:
-            tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+        for d0 in range(0, chunks_end, BLOCK_D):
+            # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
+            col = tl.cast(d0, tl.int64)
+            chunk = tile if SINGLE_CHUNK else load_expert_tile(
+                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
+            )  # fmt: skip
             s = _context_scores(
-                s,
-                tile,
-                rows,
-                offs_t,
-                offs_d,
-                cz_ptr,
-                B,
-                D,
-                stride_czb,
-                stride_czt,
-                stride_czx,
-                PER_ROW_CONTEXT,
-                NUM_TASKS,
-            )
-        else:
-            for d0 in range(0, D, BLOCK_D):
-                # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
-                col = tl.cast(d0, tl.int64)
-                chunk = load_expert_tile(
-                    h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
-                )
-                s = _context_scores(
-                    s, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, B, D - d0,
-                    stride_czb, stride_czt, stride_czx, PER_ROW_CONTEXT, NUM_TASKS,
-                )  # fmt: skip
+                s, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, B, D - d0,
+                stride_czb, stride_czt, stride_czx, PER_ROW_CONTEXT, NUM_TASKS,
+            )  # fmt: skip
     else:
         s = load_gate_tile(cz_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_czb, stride_czt, stride_czx)
-        if SINGLE_CHUNK:
-            tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
 
     # 2. the masked (top-k) softmax over experts
     p, kept = gate_weights(
@@ -170,19 +155,16 @@ def gate_mix_fwd_kernel(
     if STORE_KEPT:
         store_gate_tile(kept_ptr, kept, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
 
-    # 3. the mix, Y[b,t] = sum_e p[b,t,e] H[b,e]
-    if SINGLE_CHUNK:
-        _mix_and_store(tile, p, rows, offs_t, offs_d, y_ptr, B, D, stride_yb, stride_yt, NUM_TASKS, ATTENTION)
-    else:
-        # Second walk over this program's rows of H: they were just read, so this hits L2.
-        for d0 in range(0, D, BLOCK_D):
-            col = tl.cast(d0, tl.int64)
-            chunk = load_expert_tile(
-                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
-            )
-            _mix_and_store(
-                chunk, p, rows, offs_t, offs_d, y_ptr + col, B, D - d0, stride_yb, stride_yt, NUM_TASKS, ATTENTION
-            )
+    # 3. the mix, Y[b,t] = sum_e p[b,t,e] H[b,e]; chunked, the second walk over this program's rows
+    # of H hits L2 (they were just read).
+    for d0 in range(0, chunks_end, BLOCK_D):
+        col = tl.cast(d0, tl.int64)
+        chunk = tile if SINGLE_CHUNK else load_expert_tile(
+            h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
+        )  # fmt: skip
+        _mix_and_store(
+            chunk, p, rows, offs_t, offs_d, y_ptr + col, B, D - d0, stride_yb, stride_yt, NUM_TASKS, ATTENTION
+        )
 
 
 def plan_forward(
