@@ -138,6 +138,16 @@ def row_strides(x: torch.Tensor | None) -> tuple[int, int, int]:
     return tuple(x.stride()) if x.dim() == 3 else (0, *x.stride())
 
 
+def operand(x: torch.Tensor | None, placeholder: torch.Tensor | None = None) -> tuple:
+    """A kernel operand as the arguments it takes: its pointer, then its strides read as ``[B, T, X]``
+    (:func:`row_strides`). An absent operand passes ``placeholder`` (never dereferenced) and zeros.
+
+    Every operand of the gate kernels is such a group (``x_ptr, stride_xb, stride_xt, stride_xx``), so
+    adding one is one group in the kernel's signature and one ``*operand(x)`` in its launcher.
+    """
+    return (x if x is not None else placeholder, *row_strides(x))
+
+
 def mask_operand(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The bool mask as the ``uint8`` view the kernels load (same storage, no copy)."""
     return mask.view(torch.uint8) if mask is not None else None

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, register_limit, row_strides, tile_config
+from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, operand, register_limit, tile_config
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     finite_or_zero,
@@ -79,30 +79,13 @@ def _mix_and_store(
 
 @triton.jit
 def gate_mix_fwd_kernel(
-    h_ptr,
-    cz_ptr,
-    mask_ptr,
-    y_ptr,
-    p_ptr,
-    kept_ptr,
-    B,
-    E,
-    D,
-    scale,
-    top_k,
-    stride_hb,
-    stride_he,
-    stride_hd,
-    stride_czb,
-    stride_czt,
-    stride_czx,
-    stride_mb,
-    stride_mt,
-    stride_me,
-    stride_yb,
-    stride_yt,
-    stride_pb,
-    stride_pt,
+    h_ptr, stride_hb, stride_he, stride_hd,
+    cz_ptr, stride_czb, stride_czt, stride_czx,
+    mask_ptr, stride_mb, stride_mt, stride_me,
+    y_ptr, stride_yb, stride_yt, stride_yd,
+    p_ptr, stride_pb, stride_pt, stride_pe,
+    kept_ptr, stride_kb, stride_kt, stride_ke,
+    B, E, D, scale, top_k,
     ATTENTION: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -116,9 +99,10 @@ def gate_mix_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
-):
+):  # fmt: skip
     """``cz`` is the context ``C`` (``ATTENTION``) or the logits ``Z``; see the module docstring.
-    ``p`` and ``kept`` are contiguous ``[B, T, E]`` and share the strides ``stride_pb, stride_pt``."""
+    Each operand is a pointer and its ``[B, T, X]`` strides (``config.operand``); ``y``, ``p`` and
+    ``kept`` are written with a unit last stride."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -153,7 +137,7 @@ def gate_mix_fwd_kernel(
     if RETURN_WEIGHTS:
         store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
     if STORE_KEPT:
-        store_gate_tile(kept_ptr, kept, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
+        store_gate_tile(kept_ptr, kept, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_kb, stride_kt)
 
     # 3. the mix, Y[b,t] = sum_e p[b,t,e] H[b,e]; chunked, the second walk over this program's rows
     # of H hits L2 (they were just read).
@@ -193,26 +177,18 @@ def plan_forward(
         return y, p, []
     cfg = config or tile_config(experts, dim, tasks, backward=False)
     m = mask_operand(mask)
-    kept_arg = mask_operand(kept)
     args = (
-        h,
-        cz,
-        m if m is not None else h,
-        y,
-        p if p is not None else y,
-        kept_arg if kept_arg is not None else y,
+        *operand(h),
+        *operand(cz),
+        *operand(m, placeholder=h),
+        *operand(y),
+        *operand(p, placeholder=y),
+        *operand(mask_operand(kept), placeholder=y),
         batch,
         experts,
         dim,
         scale,
         top_k or 0,
-        *h.stride(),
-        *row_strides(cz),
-        *row_strides(m),
-        y.stride(0),
-        y.stride(1),
-        tasks * experts,  # p and kept: contiguous [B, T, E]
-        experts,
     )
     meta = dict(
         ATTENTION=attention,
