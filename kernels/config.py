@@ -27,7 +27,10 @@ BACKWARD_TILE = 4096
 ELEMENTS_PER_THREAD = 16
 MAX_WARPS = 16
 GATE_ELEMENTS_PER_THREAD = 4
-REDUCE_BLOCK = 1024
+# The dC reduction: each program sums REDUCE_BLOCK columns of every workspace slot, REDUCE_SLOTS
+# slots per load (a [16, 256] float32 tile: 32 values per thread at 4 warps).
+REDUCE_BLOCK = 256
+REDUCE_SLOTS = 16
 
 # Triton's interpreter keeps per-launch state in module globals (the grid, the program ids), so two
 # threads interpreting kernels at once corrupt each other's launch. Compiled launches need no lock.

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fused_gate.kernels.config import (
     REDUCE_BLOCK,
+    REDUCE_SLOTS,
     KernelLaunch,
     TileConfig,
     mask_operand,
@@ -248,16 +249,23 @@ def gate_mix_bwd_kernel(
 
 
 @triton.jit
-def context_grad_reduce_kernel(ws_ptr, dc_ptr, num_partials, N, BLOCK: tl.constexpr):
-    """``dC.flatten()[i] = sum_k ws[k, i]`` over the ``num_partials`` slots, always in slot order."""
+def context_grad_reduce_kernel(ws_ptr, dc_ptr, num_partials, N, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """``dC.flatten()[i] = sum_k ws[k, i]`` over the ``num_partials`` slots, in a fixed order.
+
+    ``SLOTS`` slots are loaded at once as a ``[SLOTS, BLOCK]`` tile (enough loads in flight to hide
+    memory latency where one slot at a time would wait on each), summed over the slots, and the
+    tiles are added in slot order: the same grid always sums in the same order.
+    """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
+    slots = tl.arange(0, SLOTS)
+    pitch = tl.cast(N, tl.int64)
+    ptrs = ws_ptr + slots.to(tl.int64)[:, None] * pitch + offs[None, :]
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    slot = ws_ptr + offs
-    for _ in range(0, num_partials):
-        acc += tl.load(slot, mask=ok, other=0.0)
-        slot += N
-    tl.store(dc_ptr + offs, acc.to(dc_ptr.dtype.element_ty), mask=ok)
+    for k0 in range(0, num_partials, SLOTS):
+        ok = ((k0 + slots) < num_partials)[:, None] & (offs < N)[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=ok, other=0.0), axis=0)
+        ptrs += SLOTS * pitch
+    tl.store(dc_ptr + offs, acc.to(dc_ptr.dtype.element_ty), mask=offs < N)
 
 
 def plan_backward(
@@ -326,7 +334,7 @@ def plan_backward(
                 context_grad_reduce_kernel,
                 (triton.cdiv(numel, REDUCE_BLOCK),),
                 (ws, dcz, programs, numel),
-                dict(BLOCK=REDUCE_BLOCK, num_warps=4),
+                dict(BLOCK=REDUCE_BLOCK, SLOTS=REDUCE_SLOTS, num_warps=4),
             )
         )
     return dh, dcz, launches

@@ -243,3 +243,24 @@ def test_double_backward_raises(device):
     (gh,) = torch.autograd.grad(fg.attention_mix(h, context).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gh.sum().backward()
+
+
+@pytest.mark.parametrize("partials", [1, 16, 37])
+def test_context_grad_reduction_sums_every_slot(partials, device):
+    """More slots than one tile of them (as an H100's 528 persistent programs give), and a width that
+    is not a multiple of the block: the sum of every slot, bit-identical from run to run."""
+    from fused_gate.kernels.config import REDUCE_BLOCK, REDUCE_SLOTS, KernelLaunch
+
+    tasks, dim = 3, 300
+    ws = torch.randn(partials, tasks, dim, generator=torch.Generator().manual_seed(partials)).to(device)
+
+    def reduce() -> torch.Tensor:
+        dc = torch.empty(tasks, dim, device=device)
+        grid = (-(-tasks * dim // REDUCE_BLOCK),)
+        meta = dict(BLOCK=REDUCE_BLOCK, SLOTS=REDUCE_SLOTS, num_warps=4)
+        KernelLaunch(gate_mix_bwd.context_grad_reduce_kernel, grid, (ws, dc, partials, tasks * dim), meta).launch()
+        return dc
+
+    first = reduce()
+    assert torch.equal(first, reduce())
+    torch.testing.assert_close(first.double(), ws.double().sum(0), rtol=1e-6, atol=1e-5)
