@@ -32,9 +32,10 @@ def _needs_reference(*tensors: Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return torch._C._are_functorch_transforms_active() or any(
-        forward_ad.unpack_dual(t).tangent is not None for t in tensors
-    )
+    if torch._C._are_functorch_transforms_active():
+        return True
+    # Dual tensors exist only inside a dual level; outside one (every ordinary call) skip the unpacking.
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _no_weights(h: Tensor) -> Tensor:

@@ -147,7 +147,10 @@ def attention_mix_forward(
     s = _scores(hc, context.to(dtype), scale)
     allowed = allowed_experts(s, mask, top_k)
     p = _masked_softmax(s, allowed)
-    return _mix(p, hc).to(h.dtype), p.to(h.dtype), allowed
+    # Exact without _mix's indicator sums: an expert whose output is not finite scores NaN or +-inf,
+    # so either its weight is 0 (-inf) or its whole (row, task) is NaN already.
+    y = torch.einsum("bte,bed->btd", p, _finite(hc))
+    return y.to(h.dtype), p.to(h.dtype), allowed
 
 
 def attention_mix_backward(

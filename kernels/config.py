@@ -9,6 +9,7 @@ spills (checked by ``tests/test_compile.py`` for sm_80 and sm_90).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from dataclasses import dataclass
@@ -126,10 +127,7 @@ class KernelLaunch:
     meta: dict
 
     def launch(self) -> None:
-        if INTERPRETED:
-            with _INTERPRETER_LOCK:
-                self.kernel[self.grid](*self.args, **self.meta)
-        else:
+        with _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
             self.kernel[self.grid](*self.args, **self.meta)
 
 
