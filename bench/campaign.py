@@ -55,7 +55,7 @@ def steps(results: Path, dry_run: bool) -> list[Step]:
     tune = [[py, "-m", "bench.tune", "--op", op, "--out", str(results)] for op in ("attention_mix", "softmax_mix")]
     traffic = [py, "-m", "bench.traffic", "--grid", "small", "--out", str(results)]
     if dry_run:
-        tests[3] = "tests/test_modules.py"
+        tests[3] = "tests/test_gates.py"
         bench[bench.index("small")] = "smoke"
         bench[bench.index("bf16")] = "fp32"
         bench += ["--impls", "fused,eager,copy", "--passes", "fwd"]

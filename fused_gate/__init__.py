@@ -7,9 +7,9 @@ holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
 """
 
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
+from fused_gate.gates import AttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
-from fused_gate.layers import PLE, MMoE, SoftmaxGate
-from fused_gate.modules import AttentionMix
+from fused_gate.layers import PLE, MMoE
 from fused_gate.ops import attention_mix, softmax_mix, uses_kernels
 
 __version__ = "0.1.0"

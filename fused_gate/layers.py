@@ -1,4 +1,4 @@
-"""Multi-task MoE layers built on the fused gates: SoftmaxGate, MMoE and PLE (stacked CGC levels).
+"""Multi-task MoE layers built on the fused gates: MMoE and PLE (stacked CGC levels).
 
 Experts are E one-layer MLPs evaluated as one batched matmul (``einsum`` over an ``[E, in, hidden]``
 weight), never a Python loop; their output ``[B, E, hidden]`` is a strided view that the gate kernels
@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fused_gate._checks import validate_positive_float, validate_top_k
-from fused_gate.modules import AttentionMix
+from fused_gate._checks import validate_top_k
+from fused_gate.gates import AttentionMix, SoftmaxGate
 from fused_gate.ops import softmax_mix
 
 GATES = ("attention", "softmax")
@@ -28,59 +28,6 @@ def _uniform_(weight: Tensor, fan_in: int) -> None:
     """``nn.Linear``'s default initialisation, for batched weights."""
     bound = 1.0 / math.sqrt(fan_in)
     nn.init.uniform_(weight, -bound, bound)
-
-
-class SoftmaxGate(nn.Module):
-    """Classic MMoE/PLE gate: ``p = softmax(W_t x / temperature)``, then the fused mix.
-
-    The logits come from one ``nn.Linear(in_features, T * E)`` (a cuBLAS GEMM); the softmax and the
-    weighted sum of the experts run in :func:`fused_gate.softmax_mix`. ``forward(x [B, in], h [B, E, D])``
-    returns ``[B, T, D]``.
-
-    Args:
-        in_features: width of the gate's input ``x``.
-        num_tasks: T, the number of gates (tasks).
-        num_experts: E, the number of experts mixed.
-        temperature: softmax temperature (> 0); the logits are divided by it.
-        mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
-            ``state_dict``).
-        top_k: keep only the ``top_k`` largest logits per row and task.
-        bias: whether the gate's ``nn.Linear`` has a bias.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        num_tasks: int,
-        num_experts: int,
-        *,
-        temperature: float = 1.0,
-        mask: Tensor | None = None,
-        top_k: int | None = None,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        self.num_tasks, self.num_experts = num_tasks, num_experts
-        self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
-        self.top_k = validate_top_k(top_k, num_experts)
-        self.linear = nn.Linear(in_features, num_tasks * num_experts, bias=bias)
-        self.register_buffer("mask", mask, persistent=mask is not None)
-
-    def forward(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Gate ``h`` by logits computed from ``x``.
-
-        Args:
-            x: the gate's input ``[B, in_features]``.
-            h: the expert outputs ``[B, E, D]``, any strides.
-            return_weights: also return the gate weights ``p [B, T, E]``.
-
-        Returns:
-            ``Y [B, T, D]``, or ``(Y, p)`` with ``return_weights``.
-        """
-        logits = self.linear(x).view(x.shape[0], self.num_tasks, self.num_experts)
-        return softmax_mix(
-            logits, h, temperature=self.temperature, mask=self.mask, top_k=self.top_k, return_weights=return_weights
-        )
 
 
 class Experts(nn.Module):

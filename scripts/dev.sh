@@ -41,7 +41,7 @@ fi
 cmd=${1:-test}
 shift || true
 case "$cmd" in
-  demo) exec "$VPY" -m fused_gate.demo "$@" ;;
+  demo) exec "$VPY" -m fused_gate.apps.demo "$@" ;;
   test) exec "$VPY" -m pytest tests -q -W ignore::DeprecationWarning "$@" ;;
   bench) exec "$VPY" -m bench.run "$@" ;;
   gpu) exec "$VPY" -m bench.campaign "$@" ;;

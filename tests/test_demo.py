@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_gate import demo
-from fused_gate.synthetic import make_tasks, task_weights
+from fused_gate.apps import demo
+from fused_gate.apps.synthetic import make_tasks, task_weights
 
 
 @pytest.mark.parametrize("correlation", [0.0, 0.5, 0.9, 1.0])

@@ -1,4 +1,4 @@
-"""``python -m fused_gate.selftest``: its comparison with float64; its stop up front when the interpreter cannot run.
+"""``python -m fused_gate.apps.selftest``: its comparison with float64; its early stop when the interpreter cannot run.
 
 An environment with numpy 2.4 is made by putting a ``numpy-2.4.0.dist-info`` first on ``PYTHONPATH``:
 ``importlib.metadata`` then reports that version, while nothing is imported from it.
@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from fused_gate import _interpreter, selftest
+from fused_gate import _interpreter
+from fused_gate.apps import selftest
 
 
 def test_selftest_matches_float64(device, capsys):
@@ -36,7 +37,7 @@ def _with_numpy_2_4(tmp_path, interpret: bool) -> dict[str, str]:
 
 
 def test_selftest_on_cpu_stops_at_once_naming_numpy(tmp_path):
-    command = [sys.executable, "-m", "fused_gate.selftest", "--device", "cpu"]
+    command = [sys.executable, "-m", "fused_gate.apps.selftest", "--device", "cpu"]
     done = subprocess.run(command, env=_with_numpy_2_4(tmp_path, interpret=False), capture_output=True, text=True)
     assert done.returncode == 1
     assert "numpy 2.4.0 is installed: pip install 'numpy<2.4'" in done.stderr

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import fused_gate as fg
-from fused_gate import study
+from fused_gate.apps import study
+from fused_gate.apps.synthetic import cosine_task_weights, make_tasks
+from fused_gate.apps.training import History, evaluate, train
 from fused_gate.kernels import INTERPRETED
-from fused_gate.synthetic import cosine_task_weights, make_tasks
-from fused_gate.training import History, evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_study_refuses_to_train_through_the_interpreter():
 def test_quick_study_end_to_end(tmp_path):
     """The CLI as a user runs it on the CPU: without the interpreter, so the gates run the reference."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fused_gate.study", "--quick", "--four-tasks", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "fused_gate.apps.study", "--quick", "--four-tasks", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]

@@ -1,4 +1,5 @@
-"""``nn.Module`` wrappers of the fused gates."""
+"""The gate modules: ``AttentionMix`` (learned task contexts over the expert outputs) and ``SoftmaxGate``
+(``softmax(W_t x)``, the classic MMoE/PLE gate), each one fused mix per call."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_gate._checks import validate_positive_float, validate_top_k
-from fused_gate.ops import attention_mix
+from fused_gate.ops import attention_mix, softmax_mix
 
 
 def _as_expert_tensor(h: Tensor | Sequence[Tensor]) -> tuple[Tensor, bool]:
@@ -127,3 +128,56 @@ class AttentionMix(nn.Module):
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={v}" for k, v in (("scale", self.scale), ("top_k", self.top_k)) if v is not None)
         return f"num_tasks={self.num_tasks}, dim={self.dim}{extras}, masked={self.mask is not None}"
+
+
+class SoftmaxGate(nn.Module):
+    """Classic MMoE/PLE gate: ``p = softmax(W_t x / temperature)``, then the fused mix.
+
+    The logits come from one ``nn.Linear(in_features, T * E)`` (a cuBLAS GEMM); the softmax and the
+    weighted sum of the experts run in :func:`fused_gate.softmax_mix`. ``forward(x [B, in], h [B, E, D])``
+    returns ``[B, T, D]``.
+
+    Args:
+        in_features: width of the gate's input ``x``.
+        num_tasks: T, the number of gates (tasks).
+        num_experts: E, the number of experts mixed.
+        temperature: softmax temperature (> 0); the logits are divided by it.
+        mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
+            ``state_dict``).
+        top_k: keep only the ``top_k`` largest logits per row and task.
+        bias: whether the gate's ``nn.Linear`` has a bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_tasks: int,
+        num_experts: int,
+        *,
+        temperature: float = 1.0,
+        mask: Tensor | None = None,
+        top_k: int | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_tasks, self.num_experts = num_tasks, num_experts
+        self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
+        self.top_k = validate_top_k(top_k, num_experts)
+        self.linear = nn.Linear(in_features, num_tasks * num_experts, bias=bias)
+        self.register_buffer("mask", mask, persistent=mask is not None)
+
+    def forward(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Gate ``h`` by logits computed from ``x``.
+
+        Args:
+            x: the gate's input ``[B, in_features]``.
+            h: the expert outputs ``[B, E, D]``, any strides.
+            return_weights: also return the gate weights ``p [B, T, E]``.
+
+        Returns:
+            ``Y [B, T, D]``, or ``(Y, p)`` with ``return_weights``.
+        """
+        logits = self.linear(x).view(x.shape[0], self.num_tasks, self.num_experts)
+        return softmax_mix(
+            logits, h, temperature=self.temperature, mask=self.mask, top_k=self.top_k, return_weights=return_weights
+        )

@@ -1,6 +1,6 @@
 """Demo: MMoE with the classic softmax gate vs the attention gate, on the MMoE paper's synthetic tasks.
 
-    python -m fused_gate.demo [--quick] [--correlations 0.5 0.9 1.0 --seeds 3 --steps 5000 --device cuda]
+    python -m fused_gate.apps.demo [--quick] [--correlations 0.5 0.9 1.0 --seeds 3 --steps 5000 --device cuda]
 
 For each task correlation and seed both models start from the same seed, see the same batches and
 train for the same number of steps (Adam, MSE per task). The demo prints each gate's final per-task
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 import fused_gate as fg
-from fused_gate.synthetic import make_tasks
-from fused_gate.training import Progress, train
+from fused_gate.apps.synthetic import make_tasks
+from fused_gate.apps.training import Progress, train
 
 GATES = ("softmax", "attention")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fused_gate.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fused_gate.apps.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="the first correlation only, one seed: 2 trainings instead of 18"
     )

@@ -1,8 +1,8 @@
 """Does the attention gate beat the softmax gate? A tuned, seeded comparison of MMoE's two gates.
 
-    python -m fused_gate.study [--quick] [--workers 2] [--out study_out]
+    python -m fused_gate.apps.study [--quick] [--workers 2] [--out study_out]
 
-Settings: the MMoE paper's synthetic two-task regression (``fused_gate.synthetic``) at task correlations
+Settings: the MMoE paper's synthetic two-task regression (``fused_gate.apps.synthetic``) at task correlations
 p = 0.5, 0.9 and 1.0 with 8 experts, and a harder one where the gate has to route: 4 tasks in two pairs
 (cosine 0.9 within a pair, 0 across) sharing 16 experts. Every setting has d = 100 inputs, one 16-unit
 layer per expert and 8-unit towers, 50,000 training, 5,000 validation and 10,000 test rows.
@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 
 import fused_gate as fg
+from fused_gate.apps.synthetic import make_tasks
+from fused_gate.apps.training import History, Progress, train
 from fused_gate.kernels import INTERPRETED
-from fused_gate.synthetic import make_tasks
-from fused_gate.training import History, Progress, train
 
 GATES = ("softmax", "attention")
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -84,7 +84,7 @@ class Outcome:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fused_gate.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fused_gate.apps.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke run: p = 0.5 only, 2 seeds, 40 steps")
     parser.add_argument("--correlations", type=float, nargs="+", help="two-task cosines (default 0.5 0.9 1.0)")
     parser.add_argument("--four-tasks", action=argparse.BooleanOptionalAction, help="the 4-task, 16-expert setting")

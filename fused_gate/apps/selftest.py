@@ -1,6 +1,6 @@
 """Self-test of an install: the fused attention gate against the plain-PyTorch reference, errors and timings.
 
-    python -m fused_gate.selftest [--batch B --experts E --dim D --tasks T --dtype bf16 --repeats N]
+    python -m fused_gate.apps.selftest [--batch B --experts E --dim D --tasks T --dtype bf16 --repeats N]
 
 For each shape it runs forward + backward of ``fused_gate.attention_mix`` (the Triton kernels) and of
 ``fused_gate.reference.attention_mix`` (eager PyTorch), reports the largest error of each against a
@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fused_gate.selftest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fused_gate.apps.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: by device)")
     parser.add_argument("--experts", type=int, default=8)
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
         # triton is imported: restart with it switched on, unless it cannot run here.
         problem = interpreter_problem()
         if problem is not None:
-            sys.exit(f"python -m fused_gate.selftest on a CPU: {problem}")
+            sys.exit(f"python -m fused_gate.apps.selftest on a CPU: {problem}")
         env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "fused_gate.selftest", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "fused_gate.apps.selftest", *argv], env)
     return run(args)
 
 
