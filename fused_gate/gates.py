@@ -129,8 +129,8 @@ class AttentionMix(nn.Module):
     def mix(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The gate call of the MMoE / PLE layers (shared with :meth:`SoftmaxGate.mix`): ``forward(h)``.
 
-        ``x`` (the layer's input) is not read: the attention gate scores the expert outputs ``h [B, E, D]``
-        against its context vectors.
+        ``x`` (the layer's input) is not read: the attention gate scores the expert outputs ``h``
+        (``[B, E, D]``) against its context vectors. ``return_weights`` as in :meth:`forward`.
         """
         return self(h, return_weights)
 
@@ -192,7 +192,7 @@ class SoftmaxGate(nn.Module):
         self.register_buffer("mask", mask, persistent=mask is not None)
 
     def logits(self, x: Tensor) -> Tensor:
-        """The gates' logits ``[B, T, E]`` from ``x [B, in]`` (one input for every gate) or ``[B, T, in]``."""
+        """The gates' logits ``[B, T, E]`` from ``x``, ``[B, in]`` (one input for every gate) or ``[B, T, in]``."""
         if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != self.num_tasks):
             raise ValueError(
                 f"x must have shape [B, in_features] or [B, T, in_features] with T = {self.num_tasks}, "
@@ -223,5 +223,8 @@ class SoftmaxGate(nn.Module):
         )
 
     def mix(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The gate call of the MMoE / PLE layers (shared with :meth:`AttentionMix.mix`): ``forward(x, h)``."""
+        """The gate call of the MMoE / PLE layers (shared with :meth:`AttentionMix.mix`): ``forward(x, h)``.
+
+        Args: ``x``, ``h`` and ``return_weights`` as in :meth:`forward`.
+        """
         return self(x, h, return_weights)

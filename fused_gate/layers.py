@@ -140,6 +140,7 @@ class MMoE(nn.Module):
     ) -> None:
         super().__init__()
         top_k = validate_top_k(top_k, num_experts)
+        self.num_experts, self.num_tasks = num_experts, num_tasks
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         self.experts = Experts(in_features, num_experts, expert_hidden, **options)
         self.out_features = self.experts.out_features
@@ -260,8 +261,9 @@ class PLE(nn.Module):
             :class:`MMoE`.
         top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
         tower_hidden: add one MLP tower per task, as in :class:`MMoE`.
-        activation, dropout, batch_norm, gate_hidden, gate_bias, gate_batch_norm, tower_activation,
-            tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`, for every level.
+        activation, dropout, batch_norm: as in :class:`MMoE`, for every level.
+        gate_hidden, gate_bias, gate_batch_norm: as in :class:`MMoE`, for every level.
+        tower_activation, tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`.
     """
 
     def __init__(
