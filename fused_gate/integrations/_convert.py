@@ -117,13 +117,12 @@ def load_batch_norm(
 ):
     """Copy BatchNorm g (``width`` channels) into channels ``g * width + columns[g]`` of ``target``.
 
-    Channels no source writes get weight 0, bias 0, mean 0, variance 1: a constant 0, masked anyway.
+    Channels no source writes (masked logits) get weight, bias, running mean and variance 0: their input
+    is a constant 0, so training leaves them at 0 and they output 0 in both modes.
     """
     target.eps, target.momentum = sources[0].eps, sources[0].momentum
-    target.weight.zero_()
-    target.bias.zero_()
-    target.running_mean.zero_()
-    target.running_var.fill_(1.0)
+    for tensor in (target.weight, target.bias, target.running_mean, target.running_var):
+        tensor.zero_()
     target.num_batches_tracked.copy_(sources[0].num_batches_tracked)
     for g, bn in enumerate(sources):
         cols = torch.tensor(list(range(bn.num_features)) if columns is None else list(columns[g])) + g * width
