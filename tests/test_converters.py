@@ -227,3 +227,13 @@ def test_rejects_other_models():
         to_fused = importlib.import_module(f"fused_gate.integrations.{library}").to_fused
         with pytest.raises(TypeError, match="model must be a"):
             to_fused(nn.Linear(3, 3))
+
+
+def test_step_timing_script_runs(capsys):
+    """bench.convert_step, tiny: one table row per model, times and a ratio each."""
+    from bench import convert_step
+
+    convert_step.main(["--batch", "8", "--hidden", "8,4", "--rounds", "1", "--steps", "1", "--warmup", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == list(MODELS)
+    assert all(float(row.split(" | ")[-1].strip(" |")) > 0 for row in rows[1:])
