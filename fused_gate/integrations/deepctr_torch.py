@@ -24,6 +24,7 @@ from deepctr_torch.models.multitask.mmoe import MMOE
 from deepctr_torch.models.multitask.ple import PLE
 from torch import Tensor, nn
 
+from fused_gate import layers
 from fused_gate.integrations._convert import (
     Dense,
     FusedMultiTask,
@@ -37,8 +38,6 @@ from fused_gate.integrations._convert import (
 )
 from fused_gate.integrations._gates import GateLayout, cgc_layout
 from fused_gate.integrations._swap import FusedTwin, module_device, swap_layers, warn_if_nothing_swapped
-from fused_gate.layers import PLE as FusedPLELayer
-from fused_gate.layers import MMoE
 
 __all__ = ["FeatureInput", "FusedMMOE", "FusedPLE", "swap_in", "to_fused"]
 
@@ -171,7 +170,7 @@ def _towers(model: BaseModel) -> tuple[list[list[Dense]], list[nn.Linear], dict]
     return hidden, outputs, tower_options(hidden, outputs, names)
 
 
-def _convert_mmoe(model: MMOE) -> MMoE:
+def _convert_mmoe(model: MMOE) -> layers.MMoE:
     tasks, names = model.num_tasks, [f"expert_dnn.{e}" for e in range(model.num_experts)]
     experts = _many(model.expert_dnn, names)
     options = batched_options(experts, names)
@@ -180,7 +179,7 @@ def _convert_mmoe(model: MMOE) -> MMoE:
     finals = list(model.gate_dnn_final_layer)
     gate = _gate_options(gate_dnns, gate_names, finals, options)
     hidden, outputs, towers = _towers(model)
-    layer = MMoE(
+    layer = layers.MMoE(
         model.input_dim, model.num_experts, options.pop("hidden"), tasks, gate="softmax", **options, **gate, **towers
     )
     layer.to(module_device(model))
@@ -190,7 +189,7 @@ def _convert_mmoe(model: MMOE) -> MMoE:
     return layer
 
 
-def _convert_ple(model: PLE) -> FusedPLELayer:
+def _convert_ple(model: PLE) -> layers.PLE:
     tasks, per_task, shared, num_levels = (
         model.num_tasks,
         model.specific_expert_num,
@@ -225,7 +224,7 @@ def _convert_ple(model: PLE) -> FusedPLELayer:
         levels.append((experts, gate_dnns, finals, options))
     options = dict(levels[0][3])
     hidden, outputs, towers = _towers(model)
-    layer = FusedPLELayer(
+    layer = layers.PLE(
         model.input_dim,
         tasks,
         shared,

@@ -18,6 +18,7 @@ from torch_rechub.basic.layers import MLP
 from torch_rechub.models.multi_task.mmoe import MMOE
 from torch_rechub.models.multi_task.ple import CGC, PLE
 
+from fused_gate import layers
 from fused_gate.integrations._convert import (
     Dense,
     FusedMultiTask,
@@ -31,8 +32,6 @@ from fused_gate.integrations._convert import (
 )
 from fused_gate.integrations._gates import GateLayout, cgc_layout
 from fused_gate.integrations._swap import FusedTwin, module_device, swap_layers, warn_if_nothing_swapped
-from fused_gate.layers import PLE as FusedPLE
-from fused_gate.layers import MMoE
 
 __all__ = ["FeatureInput", "FusedCGC", "FusedMMOE", "swap_in", "to_fused"]
 
@@ -177,7 +176,7 @@ def _layer_options(experts: list[list[Dense]], names: list[str]) -> dict:
     return dict(expert_hidden=options.pop("hidden"), **options)
 
 
-def _convert_mmoe(model: MMOE) -> MMoE:
+def _convert_mmoe(model: MMOE) -> layers.MMoE:
     names = [f"experts.{e}" for e in range(model.n_expert)]
     experts = [
         _mlp_layers(expert, name, output_layer=False)[0] for expert, name in zip(model.experts, names, strict=True)
@@ -185,7 +184,7 @@ def _convert_mmoe(model: MMOE) -> MMoE:
     gates = [_gate_layers(gate, f"gates.{t}") for t, gate in enumerate(model.gates)]
     hidden, outputs, towers = _towers(model)
     options = _layer_options(experts, names)
-    layer = MMoE(
+    layer = layers.MMoE(
         model.input_dims,
         model.n_expert,
         options.pop("expert_hidden"),
@@ -202,7 +201,7 @@ def _convert_mmoe(model: MMOE) -> MMoE:
     return layer
 
 
-def _convert_ple(model: PLE) -> FusedPLE:
+def _convert_ple(model: PLE) -> layers.PLE:
     first = model.cgc_layers[0]
     tasks, per_task, shared = model.n_task, first.n_expert_specific, first.n_expert_shared
     levels = []  # per level: (expert MLPs in fused order, gates, options)
@@ -224,7 +223,7 @@ def _convert_ple(model: PLE) -> FusedPLE:
             )
     hidden, outputs, towers = _towers(model)
     options = dict(options)
-    layer = FusedPLE(
+    layer = layers.PLE(
         model.input_dims,
         tasks,
         shared,
