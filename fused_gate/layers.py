@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_gate._checks import validate_top_k
-from fused_gate.experts import Experts, TaskTowers
+from fused_gate.experts import Experts, TaskTowers, validate_widths
 from fused_gate.gates import AttentionMix, SoftmaxGate
 
 GATES = ("attention", "softmax")
@@ -43,6 +43,7 @@ def _make_gate(
     """The layer's gate module; the gate DNN shares the experts' activation, dropout and BatchNorm option."""
     if kind not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
+    gate_hidden = validate_widths("gate_hidden", gate_hidden, allow_empty=True)
     if kind == "attention":
         if gate_hidden or not gate_bias or gate_batch_norm:
             raise ValueError(
@@ -142,6 +143,7 @@ class MMoE(nn.Module):
         top_k = validate_top_k(top_k, num_experts)
         self.num_experts, self.num_tasks = num_experts, num_tasks
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
+        expert_hidden = validate_widths("expert_hidden", expert_hidden)
         self.experts = Experts(in_features, num_experts, expert_hidden, **options)
         self.out_features = self.experts.out_features
         self.gate = _make_gate(
@@ -217,6 +219,7 @@ class CGCLevel(nn.Module):
         if shared_gate:
             mask[num_tasks] = True
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
+        expert_hidden = validate_widths("expert_hidden", expert_hidden)
         self.experts = Experts(in_features, num_experts, expert_hidden, **options)
         self.gate = _make_gate(
             gate,

@@ -351,8 +351,9 @@ def test_compile_fullgraph_dynamic_batch(layer, device):
     [
         (lambda: fg.MMoE(4, 2, 3, 2, gate="linear"), "gate must be one of"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=0), "num_levels"),
-        (lambda: fg.MMoE(4, 2, (3, 0), 2), "hidden must be an int >= 1"),
-        (lambda: fg.MMoE(4, 2, (), 2), "hidden must be"),
+        (lambda: fg.MMoE(4, 2, (3, 0), 2), "expert_hidden must be an int >= 1"),
+        (lambda: fg.PLE(4, 2, 1, 1, ()), "expert_hidden must be"),
+        (lambda: fg.MMoE(4, 2, 3, 2, gate="softmax", gate_hidden=(2.5,)), "gate_hidden must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, activation="gelu"), "activation must be one of"),
         (lambda: fg.MMoE(4, 2, 3, 2, dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
         (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden=(2,), tower_dropout=-0.1), "dropout must be"),
