@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_gate._checks import validate_positive_float, validate_top_k
+from fused_gate.experts import BatchedLinear, BatchedMLP, validate_widths
 from fused_gate.ops import attention_mix, softmax_mix
 
 
@@ -125,17 +126,27 @@ class AttentionMix(nn.Module):
             y = list(y.unbind(1))
         return (y, p) if return_weights else y
 
+    def mix(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The gate call of the MMoE / PLE layers (shared with :meth:`SoftmaxGate.mix`): ``forward(h)``.
+
+        ``x`` (the layer's input) is not read: the attention gate scores the expert outputs ``h``
+        (``[B, E, D]``) against its context vectors. ``return_weights`` as in :meth:`forward`.
+        """
+        return self(h, return_weights)
+
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={v}" for k, v in (("scale", self.scale), ("top_k", self.top_k)) if v is not None)
         return f"num_tasks={self.num_tasks}, dim={self.dim}{extras}, masked={self.mask is not None}"
 
 
 class SoftmaxGate(nn.Module):
-    """Classic MMoE/PLE gate: ``p = softmax(W_t x / temperature)``, then the fused mix.
+    """Classic MMoE/PLE gate: ``p_t = softmax(BN(dnn_t(x_t) W_t + b_t) / temperature)``, then the fused mix.
 
-    The logits come from one ``nn.Linear(in_features, T * E)`` (a cuBLAS GEMM); the softmax and the
-    weighted sum of the experts run in :func:`fused_gate.softmax_mix`. ``forward(x [B, in], h [B, E, D])``
-    returns ``[B, T, D]``.
+    Each of the T gates has its own optional DNN (``hidden`` widths, ``Linear -> BatchNorm -> activation
+    -> dropout`` per layer, DeepCTR-Torch's gate DNN), its own final Linear to the E logits
+    (``linear.weight [T, K, E]``, ``linear.bias [T, E]``), and an optional BatchNorm on the logits
+    (torch-rechub's gate), all batched over the gates. The softmax and the weighted sum of the experts
+    run in :func:`fused_gate.softmax_mix`. ``forward(x, h)`` returns ``[B, T, D]``.
 
     Args:
         in_features: width of the gate's input ``x``.
@@ -145,7 +156,11 @@ class SoftmaxGate(nn.Module):
         mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
             ``state_dict``).
         top_k: keep only the ``top_k`` largest logits per row and task.
-        bias: whether the gate's ``nn.Linear`` has a bias.
+        bias: whether the final Linear (the logits) has a bias.
+        hidden: widths of the gate DNN before the final Linear (default: none).
+        activation, dropout, hidden_batch_norm: the gate DNN's activation name, dropout probability and
+            per-layer BatchNorm.
+        logits_batch_norm: a BatchNorm on each gate's logits before the softmax.
     """
 
     def __init__(
@@ -158,26 +173,58 @@ class SoftmaxGate(nn.Module):
         mask: Tensor | None = None,
         top_k: int | None = None,
         bias: bool = True,
+        hidden: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        hidden_batch_norm: bool = False,
+        logits_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_tasks, self.num_experts = num_tasks, num_experts
         self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
         self.top_k = validate_top_k(top_k, num_experts)
-        self.linear = nn.Linear(in_features, num_tasks * num_experts, bias=bias)
+        hidden = validate_widths("hidden", hidden, allow_empty=True)
+        options = dict(activation=activation, dropout=dropout, batch_norm=hidden_batch_norm)
+        self.dnn = BatchedMLP(in_features, num_tasks, hidden, **options) if hidden else None
+        self.linear = BatchedLinear(hidden[-1] if hidden else in_features, num_experts, num_tasks, bias=bias)
+        self.batch_norm = nn.BatchNorm1d(num_tasks * num_experts) if logits_batch_norm else None
+        _check_module_mask(mask, num_tasks)
         self.register_buffer("mask", mask, persistent=mask is not None)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The gates' logits ``[B, T, E]`` from ``x``, ``[B, in]`` (one input for every gate) or ``[B, T, in]``."""
+        if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != self.num_tasks):
+            raise ValueError(
+                f"x must have shape [B, in_features] or [B, T, in_features] with T = {self.num_tasks}, "
+                f"got {list(x.shape)}"
+            )
+        z = self.linear(self.dnn(x) if self.dnn is not None else x)
+        return z if self.batch_norm is None else self.batch_norm(z.flatten(1)).unflatten(1, z.shape[1:])
 
     def forward(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Gate ``h`` by logits computed from ``x``.
 
         Args:
-            x: the gate's input ``[B, in_features]``.
+            x: the gates' input, ``[B, in_features]`` (shared by every gate) or ``[B, T, in_features]``
+                (one per gate, as in a CGC level).
             h: the expert outputs ``[B, E, D]``, any strides.
             return_weights: also return the gate weights ``p [B, T, E]``.
 
         Returns:
             ``Y [B, T, D]``, or ``(Y, p)`` with ``return_weights``.
         """
-        logits = self.linear(x).view(x.shape[0], self.num_tasks, self.num_experts)
         return softmax_mix(
-            logits, h, temperature=self.temperature, mask=self.mask, top_k=self.top_k, return_weights=return_weights
+            self.logits(x),
+            h,
+            temperature=self.temperature,
+            mask=self.mask,
+            top_k=self.top_k,
+            return_weights=return_weights,
         )
+
+    def mix(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The gate call of the MMoE / PLE layers (shared with :meth:`AttentionMix.mix`): ``forward(x, h)``.
+
+        Args: ``x``, ``h`` and ``return_weights`` as in :meth:`forward`.
+        """
+        return self(x, h, return_weights)

@@ -1,127 +1,191 @@
 """Multi-task MoE layers built on the fused gates: MMoE and PLE (stacked CGC levels).
 
-Experts are E one-layer MLPs evaluated as one batched matmul (``einsum`` over an ``[E, in, hidden]``
-weight), never a Python loop; their output ``[B, E, hidden]`` is a strided view that the gate kernels
-read in place. PLE's "shared + task-specific experts" structure is expressed with the gate mask.
+Experts are E multi-layer MLPs evaluated as one batched matmul per layer (:class:`fused_gate.experts.Experts`),
+never a Python loop; their output ``[B, E, hidden]`` is read by the gate kernels in place. PLE's
+"shared + task-specific experts" structure is expressed with the gate mask. Both gate kinds are called
+the same way, ``gate.mix(x, h)``, so the layers' forwards do not depend on the gate kind.
+
+The options cover torch-rechub's and DeepCTR-Torch's MMoE and PLE: multi-layer experts, BatchNorm and
+dropout (``Linear -> BatchNorm -> activation -> dropout`` per layer), a gate DNN, a BatchNorm on the
+gate logits, gate Linears without bias, multi-layer towers.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fused_gate._checks import validate_top_k
+from fused_gate.experts import Experts, TaskTowers, validate_widths
 from fused_gate.gates import AttentionMix, SoftmaxGate
-from fused_gate.ops import softmax_mix
 
 GATES = ("attention", "softmax")
 
 
-def _check_gate(gate: str) -> None:
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+def _make_gate(
+    kind: str,
+    in_features: int,
+    num_gates: int,
+    num_experts: int,
+    expert_width: int,
+    *,
+    mask: Tensor | None,
+    top_k: int | None,
+    gate_hidden: Sequence[int],
+    gate_bias: bool,
+    gate_batch_norm: bool,
+    activation: str,
+    dropout: float,
+    batch_norm: bool,
+) -> AttentionMix | SoftmaxGate:
+    """The layer's gate module; the gate DNN shares the experts' activation, dropout and BatchNorm option."""
+    if kind not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
+    gate_hidden = validate_widths("gate_hidden", gate_hidden, allow_empty=True)
+    if kind == "attention":
+        if gate_hidden or not gate_bias or gate_batch_norm:
+            raise ValueError(
+                "gate_hidden, gate_bias and gate_batch_norm configure the softmax gate's logits; "
+                "the attention gate has none, use gate='softmax'"
+            )
+        return AttentionMix(num_gates, expert_width, mask=mask, top_k=top_k)
+    return SoftmaxGate(
+        in_features,
+        num_gates,
+        num_experts,
+        mask=mask,
+        top_k=top_k,
+        bias=gate_bias,
+        hidden=gate_hidden,
+        activation=activation,
+        dropout=dropout,
+        hidden_batch_norm=batch_norm,
+        logits_batch_norm=gate_batch_norm,
+    )
 
 
-def _uniform_(weight: Tensor, fan_in: int) -> None:
-    """``nn.Linear``'s default initialisation, for batched weights."""
-    bound = 1.0 / math.sqrt(fan_in)
-    nn.init.uniform_(weight, -bound, bound)
+def _make_towers(
+    num_tasks: int,
+    in_features: int,
+    tower_hidden: int | Sequence[int] | None,
+    *,
+    activation: str,
+    dropout: float,
+    batch_norm: bool,
+    bias: bool,
+) -> TaskTowers | None:
+    if tower_hidden is None:
+        return None
+    return TaskTowers(
+        num_tasks, in_features, tower_hidden, activation=activation, dropout=dropout, batch_norm=batch_norm, bias=bias
+    )
 
 
-class Experts(nn.Module):
-    """E one-layer MLPs ``act(x_e W_e + b_e)`` as one batched matmul.
-
-    ``forward(x)`` takes ``[B, in]`` (every expert sees the same input) or ``[B, E, in]`` (one input per
-    expert) and returns ``[B, E, hidden]``.
-    """
-
-    def __init__(self, in_features: int, num_experts: int, hidden: int, activation: nn.Module | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features, hidden))
-        self.bias = nn.Parameter(torch.empty(num_experts, hidden))
-        self.activation = activation if activation is not None else nn.ReLU()
-        _uniform_(self.weight, in_features)
-        _uniform_(self.bias, in_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        pattern = "bi,eih->beh" if x.dim() == 2 else "bei,eih->beh"
-        return self.activation(torch.einsum(pattern, x, self.weight) + self.bias)
-
-
-class TaskTowers(nn.Module):
-    """One ``hidden -> tower_hidden -> 1`` MLP per task, batched: ``[B, T, hidden] -> [B, T]``."""
-
-    def __init__(self, num_tasks: int, hidden: int, tower_hidden: int):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_tasks, hidden, tower_hidden))
-        self.b1 = nn.Parameter(torch.empty(num_tasks, tower_hidden))
-        self.w2 = nn.Parameter(torch.empty(num_tasks, tower_hidden))
-        self.b2 = nn.Parameter(torch.zeros(num_tasks))
-        for p, fan_in in ((self.w1, hidden), (self.b1, hidden), (self.w2, tower_hidden)):
-            _uniform_(p, fan_in)
-
-    def forward(self, y: Tensor) -> Tensor:
-        z = torch.relu(torch.einsum("bth,thk->btk", y, self.w1) + self.b1)
-        return (z * self.w2).sum(-1) + self.b2
+def _or(value, default):
+    return default if value is None else value
 
 
 class MMoE(nn.Module):
     """Multi-gate mixture of experts (Ma et al., KDD 2018) with a fused gate.
 
-    ``forward(x [B, in_features])`` returns the per-task mixed features ``[B, T, expert_hidden]``, or the
-    towers' outputs ``[B, T]`` when ``tower_hidden`` is given.
+    ``forward(x [B, in_features])`` returns the per-task mixed features ``[B, T, D]`` with
+    ``D = expert_hidden[-1]``, or the towers' outputs ``[B, T]`` when ``tower_hidden`` is given.
 
     Args:
         in_features: width of the input ``x``, which every expert and the softmax gate read.
-        num_experts: E, the number of experts (each one ``Linear(in_features, expert_hidden)`` + ReLU).
-        expert_hidden: the experts' output width D, which is also the width of each task's mix.
+        num_experts: E, the number of experts.
+        expert_hidden: the experts' widths (an int for one layer); the last one, D, is the width of
+            each task's mix.
         num_tasks: T, the number of tasks (one gate each).
         gate: ``"attention"`` (learned task context vectors over the expert outputs) or ``"softmax"``
             (``softmax(W_t x)``, the paper's gate).
         top_k: sparse gate, keep the ``top_k`` best experts per row and task (default: all E).
-        tower_hidden: add one ``expert_hidden -> tower_hidden -> 1`` MLP tower per task.
+        tower_hidden: add one MLP tower per task, ``D -> tower_hidden... -> 1`` (an int for one hidden
+            layer, ``()`` for a single Linear), giving ``[B, T]``.
+        activation: the activation of every hidden layer (experts, gate DNN, towers unless
+            ``tower_activation``): one of ``fused_gate.experts.ACTIVATIONS``.
+        dropout: dropout probability after every hidden layer's activation (experts, gate DNN, towers
+            unless ``tower_dropout``).
+        batch_norm: a BatchNorm after every hidden layer's Linear (experts, gate DNN, towers unless
+            ``tower_batch_norm``), one per expert / gate / tower.
+        gate_hidden: the softmax gate's DNN widths before its final Linear (default: none).
+        gate_bias: whether the softmax gate's final Linear has a bias.
+        gate_batch_norm: a BatchNorm on the softmax gate's logits, before the softmax.
+        tower_activation, tower_dropout, tower_batch_norm: the towers' hidden layers' options (default:
+            the experts').
+        tower_bias: whether the towers' output Linear has a bias.
     """
 
     def __init__(
         self,
         in_features: int,
         num_experts: int,
-        expert_hidden: int,
+        expert_hidden: int | Sequence[int],
         num_tasks: int,
         *,
         gate: str = "attention",
         top_k: int | None = None,
-        tower_hidden: int | None = None,
+        tower_hidden: int | Sequence[int] | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        gate_hidden: Sequence[int] = (),
+        gate_bias: bool = True,
+        gate_batch_norm: bool = False,
+        tower_activation: str | None = None,
+        tower_dropout: float | None = None,
+        tower_batch_norm: bool | None = None,
+        tower_bias: bool = True,
     ) -> None:
         super().__init__()
-        _check_gate(gate)
-        self.gate_kind = gate
         top_k = validate_top_k(top_k, num_experts)
-        self.experts = Experts(in_features, num_experts, expert_hidden)
-        if gate == "attention":
-            self.gate = AttentionMix(num_tasks, expert_hidden, top_k=top_k)
-        else:
-            self.gate = SoftmaxGate(in_features, num_tasks, num_experts, top_k=top_k)
-        self.towers = TaskTowers(num_tasks, expert_hidden, tower_hidden) if tower_hidden else None
+        self.num_experts, self.num_tasks = num_experts, num_tasks
+        options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
+        expert_hidden = validate_widths("expert_hidden", expert_hidden)
+        self.experts = Experts(in_features, num_experts, expert_hidden, **options)
+        self.out_features = self.experts.out_features
+        self.gate = _make_gate(
+            gate,
+            in_features,
+            num_tasks,
+            num_experts,
+            self.out_features,
+            mask=None,
+            top_k=top_k,
+            gate_hidden=gate_hidden,
+            gate_bias=gate_bias,
+            gate_batch_norm=gate_batch_norm,
+            **options,
+        )
+        self.towers = _make_towers(
+            num_tasks,
+            self.out_features,
+            tower_hidden,
+            activation=_or(tower_activation, activation),
+            dropout=_or(tower_dropout, dropout),
+            batch_norm=_or(tower_batch_norm, batch_norm),
+            bias=tower_bias,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the experts and the gates (and the towers) on ``x``, a ``[B, in_features]`` batch.
 
-        Returns ``[B, T, expert_hidden]``, or ``[B, T]`` with towers.
+        Returns ``[B, T, D]``, or ``[B, T]`` with towers.
         """
-        h = self.experts(x)
-        y = self.gate(h) if self.gate_kind == "attention" else self.gate(x, h)
+        y = self.gate.mix(x, self.experts(x))
         return self.towers(y) if self.towers is not None else y
 
 
 class CGCLevel(nn.Module):
     """One Customized Gate Control level: S shared experts plus K experts per task.
 
-    Input ``[B, T + 1, in]`` (one input per task, then the shared input); output ``[B, G, hidden]`` with
+    Input ``[B, T + 1, in]`` (one input per task, then the shared input); output ``[B, G, D]`` with
     ``G = T + 1`` when the level feeds another one (its last gate mixes every expert for the shared
-    path) and ``G = T`` for the last level. Task t's gate may use the shared experts and its own.
+    path) and ``G = T`` for the last level. The experts are ordered ``[S shared, task 0's K, ..., task
+    T-1's K]``; gate g reads input g, and task t's gate may use the shared experts and its own (the
+    gate mask). The expert and gate options are :class:`MMoE`'s.
     """
 
     def __init__(
@@ -130,68 +194,79 @@ class CGCLevel(nn.Module):
         num_tasks: int,
         num_shared_experts: int,
         num_task_experts: int,
-        expert_hidden: int,
+        expert_hidden: int | Sequence[int],
         *,
         shared_gate: bool,
-        gate: str,
-        top_k: int | None,
+        gate: str = "attention",
+        top_k: int | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        gate_hidden: Sequence[int] = (),
+        gate_bias: bool = True,
+        gate_batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        _check_gate(gate)
-        self.gate_kind = gate
         num_experts = num_shared_experts + num_tasks * num_task_experts
         top_k = validate_top_k(top_k, num_experts)
         # Which input each expert reads: the shared input (index T) or its task's input.
         group = [num_tasks] * num_shared_experts + [t for t in range(num_tasks) for _ in range(num_task_experts)]
         self.register_buffer("group", torch.tensor(group), persistent=False)
-        gates = num_tasks + int(shared_gate)
-        mask = torch.zeros(gates, num_experts, dtype=torch.bool)
+        self.num_gates = num_tasks + int(shared_gate)
+        mask = torch.zeros(self.num_gates, num_experts, dtype=torch.bool)
         for t in range(num_tasks):
             mask[t] = (self.group == num_tasks) | (self.group == t)
         if shared_gate:
             mask[num_tasks] = True
-        self.experts = Experts(in_features, num_experts, expert_hidden)
-        if gate == "attention":
-            self.gate = AttentionMix(gates, expert_hidden, mask=mask, top_k=top_k)
-        else:
-            self.register_buffer("mask", mask)
-            self.gate_weight = nn.Parameter(torch.empty(gates, in_features, num_experts))
-            self.gate_bias = nn.Parameter(torch.empty(gates, num_experts))
-            _uniform_(self.gate_weight, in_features)
-            _uniform_(self.gate_bias, in_features)
-            self.top_k = top_k
+        options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
+        expert_hidden = validate_widths("expert_hidden", expert_hidden)
+        self.experts = Experts(in_features, num_experts, expert_hidden, **options)
+        self.gate = _make_gate(
+            gate,
+            in_features,
+            self.num_gates,
+            num_experts,
+            self.experts.out_features,
+            mask=mask,
+            top_k=top_k,
+            gate_hidden=gate_hidden,
+            gate_bias=gate_bias,
+            gate_batch_norm=gate_batch_norm,
+            **options,
+        )
 
     def forward(self, inputs: Tensor) -> Tensor:
         h = self.experts(inputs[:, self.group])
-        if self.gate_kind == "attention":
-            return self.gate(h)
-        gate_inputs = inputs[:, : self.gate_weight.shape[0]]
-        logits = torch.einsum("bgi,gie->bge", gate_inputs, self.gate_weight) + self.gate_bias
-        return softmax_mix(logits, h, mask=self.mask, top_k=self.top_k)
+        return self.gate.mix(inputs[:, : self.num_gates], h)
 
 
 class PLE(nn.Module):
     """Progressive Layered Extraction (Tang et al., RecSys 2020): stacked CGC levels with fused gates.
 
-    ``forward(x [B, in_features])`` returns ``[B, T, expert_hidden]`` (or ``[B, T]`` with towers).
-    ``num_levels = 1`` is a single CGC layer.
+    ``forward(x [B, in_features])`` returns ``[B, T, D]`` with ``D = expert_hidden[-1]`` (or ``[B, T]``
+    with towers). ``num_levels = 1`` is a single CGC layer.
 
     Each level has ``num_shared_experts`` experts that every task's gate may use and
     ``num_task_experts`` experts per task that only that task's gate may use (a gate mask). Every level
     but the last also has a shared gate over all its experts, whose output is the next level's shared
-    input; task t's gate output is the next level's input for task t's experts.
+    input; task t's gate output is the next level's input for task t's experts. Every level has its own
+    experts and gates, built with the same options.
 
     Args:
         in_features: width of the input ``x`` (the first level's input for every expert).
         num_tasks: T, the number of tasks (one gate each per level).
         num_shared_experts: shared experts per level.
         num_task_experts: experts per task per level.
-        expert_hidden: the experts' output width (the input width of the levels after the first).
+        expert_hidden: the experts' widths (an int for one layer); the last one, D, is the input width
+            of the levels after the first.
         num_levels: number of stacked CGC levels.
         gate: ``"attention"`` or ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input), as in
             :class:`MMoE`.
         top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
-        tower_hidden: add one ``expert_hidden -> tower_hidden -> 1`` MLP tower per task.
+        tower_hidden: add one MLP tower per task, as in :class:`MMoE`.
+        activation, dropout, batch_norm: as in :class:`MMoE`, for every level.
+        gate_hidden, gate_bias, gate_batch_norm: as in :class:`MMoE`, for every level.
+        tower_activation, tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`.
     """
 
     def __init__(
@@ -200,20 +275,34 @@ class PLE(nn.Module):
         num_tasks: int,
         num_shared_experts: int,
         num_task_experts: int,
-        expert_hidden: int,
+        expert_hidden: int | Sequence[int],
         *,
         num_levels: int = 1,
         gate: str = "attention",
         top_k: int | None = None,
-        tower_hidden: int | None = None,
+        tower_hidden: int | Sequence[int] | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        gate_hidden: Sequence[int] = (),
+        gate_bias: bool = True,
+        gate_batch_norm: bool = False,
+        tower_activation: str | None = None,
+        tower_dropout: float | None = None,
+        tower_batch_norm: bool | None = None,
+        tower_bias: bool = True,
     ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         self.num_tasks = num_tasks
-        self.levels = nn.ModuleList(
-            CGCLevel(
-                in_features if level == 0 else expert_hidden,
+        options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
+        gate_options = dict(gate_hidden=gate_hidden, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm)
+        self.levels = nn.ModuleList()
+        width = in_features
+        for level in range(num_levels):
+            cgc = CGCLevel(
+                width,
                 num_tasks,
                 num_shared_experts,
                 num_task_experts,
@@ -221,15 +310,26 @@ class PLE(nn.Module):
                 shared_gate=level < num_levels - 1,
                 gate=gate,
                 top_k=top_k,
+                **options,
+                **gate_options,
             )
-            for level in range(num_levels)
+            self.levels.append(cgc)
+            width = cgc.experts.out_features
+        self.out_features = width
+        self.towers = _make_towers(
+            num_tasks,
+            width,
+            tower_hidden,
+            activation=_or(tower_activation, activation),
+            dropout=_or(tower_dropout, dropout),
+            batch_norm=_or(tower_batch_norm, batch_norm),
+            bias=tower_bias,
         )
-        self.towers = TaskTowers(num_tasks, expert_hidden, tower_hidden) if tower_hidden else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the experts and the gates (and the towers) on ``x``, a ``[B, in_features]`` batch.
 
-        Returns ``[B, T, expert_hidden]``, or ``[B, T]`` with towers.
+        Returns ``[B, T, D]``, or ``[B, T]`` with towers.
         """
         out = x[:, None, :].expand(x.shape[0], self.num_tasks + 1, x.shape[1])
         for level in self.levels:

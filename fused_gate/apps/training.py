@@ -66,11 +66,7 @@ class History:
 
 def predict_with_gate_weights(model: fg.MMoE, x: Tensor) -> tuple[Tensor, Tensor]:
     """An MMoE's output ``[B, T]`` (towers required) and its gate weights ``p [B, T, E]``."""
-    h = model.experts(x)
-    if model.gate_kind == "attention":
-        mixed, weights = model.gate(h, return_weights=True)
-    else:
-        mixed, weights = model.gate(x, h, return_weights=True)
+    mixed, weights = model.gate.mix(x, model.experts(x), return_weights=True)
     return model.towers(mixed), weights
 
 

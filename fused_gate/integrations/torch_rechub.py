@@ -1,4 +1,5 @@
-"""torch-rechub's MMOE and PLE (its CGC levels) with the fused gate: ``swap_in(model)``.
+"""torch-rechub's MMOE and PLE (its CGC levels) with the fused gate: ``swap_in(model)``, or converted to the
+batched fused layers: ``to_fused(model)``.
 
 A torch-rechub gate is ``MLP(dims=[E], activation="softmax")``: Linear -> BatchNorm1d -> Softmax(dim=1)
 -> Dropout(0). The twins run the gate's own layers up to the softmax (so the logits, the BatchNorm
@@ -9,16 +10,30 @@ happens in the library's order, so a seeded training step matches the original.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch_rechub.basic.layers import MLP
 from torch_rechub.models.multi_task.mmoe import MMOE
-from torch_rechub.models.multi_task.ple import CGC
+from torch_rechub.models.multi_task.ple import CGC, PLE
 
+from fused_gate import layers
+from fused_gate.integrations._convert import (
+    Dense,
+    FusedMultiTask,
+    activation_name,
+    batched_options,
+    cgc_gate_columns,
+    load_gate,
+    load_mlp,
+    load_towers,
+    tower_options,
+)
 from fused_gate.integrations._gates import GateLayout, cgc_layout
-from fused_gate.integrations._swap import FusedTwin, swap_layers, warn_if_nothing_swapped
+from fused_gate.integrations._swap import FusedTwin, module_device, swap_layers, warn_if_nothing_swapped
 
-__all__ = ["FusedCGC", "FusedMMOE", "swap_in"]
+__all__ = ["FeatureInput", "FusedCGC", "FusedMMOE", "swap_in", "to_fused"]
 
 
 def _gate_unsupported(gate: nn.Module, what: str) -> str | None:
@@ -108,3 +123,148 @@ def swap_in(model: nn.Module) -> list[str]:
     ``model.named_modules()`` gives them. Warns and returns ``[]`` when there is nothing to swap.
     """
     return warn_if_nothing_swapped(swap_layers(model, TWINS, "torch-rechub"), "torch-rechub MMOE or PLE layer")
+
+
+# ---------------------------------------------------------------------------- to_fused
+
+
+class FeatureInput(nn.Module):
+    """torch-rechub's input layer: the features' embeddings (and dense values) as one ``[B, in]`` tensor."""
+
+    def __init__(self, embedding: nn.Module, features: list) -> None:
+        super().__init__()
+        self.embedding, self.features = embedding, features
+
+    def forward(self, x: dict[str, Tensor]) -> Tensor:
+        return self.embedding(x, self.features, squeeze_dim=True)
+
+
+def _mlp_layers(mlp: nn.Module, where: str, *, output_layer: bool) -> tuple[list[Dense], nn.Linear | None]:
+    """An ``MLP``'s hidden layers (Linear, BatchNorm1d, activation, Dropout each) and its output Linear."""
+    layers = list(mlp.mlp) if isinstance(mlp, MLP) else None
+    output = layers.pop() if layers and output_layer else None
+    if layers is None or (output_layer and not isinstance(output, nn.Linear)) or len(layers) % 4:
+        raise ValueError(f"{where} is not a torch-rechub MLP of Linear -> BatchNorm1d -> activation -> Dropout layers")
+    dense = []
+    for i in range(0, len(layers), 4):
+        linear, bn, act, dropout = layers[i : i + 4]
+        if not (isinstance(linear, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and isinstance(dropout, nn.Dropout)):
+            raise ValueError(f"{where}.mlp.{i}: expected Linear -> BatchNorm1d -> activation -> Dropout")
+        dense.append(Dense(linear, bn, activation_name(act, f"{where}.mlp.{i + 2}"), dropout.p, f"{where}.mlp.{i}"))
+    return dense, output
+
+
+def _gate_layers(gate: nn.Module, where: str) -> tuple[nn.Linear, nn.BatchNorm1d]:
+    """The Linear and the logits' BatchNorm of a gate ``MLP(dims=[n], activation="softmax")``."""
+    reason = _gate_unsupported(gate, where)
+    if reason is None and (len(gate.mlp) != 4 or not isinstance(gate.mlp[1], nn.BatchNorm1d)):
+        reason = f"{where} is not Linear -> BatchNorm1d -> Softmax -> Dropout"
+    if reason is not None:
+        raise ValueError(f"cannot convert: {reason}")
+    return gate.mlp[0], gate.mlp[1]
+
+
+def _towers(model: nn.Module) -> tuple[list[list[Dense]], list[nn.Linear], dict]:
+    names = [f"towers.{t}" for t in range(len(model.towers))]
+    parsed = [_mlp_layers(tower, name, output_layer=True) for tower, name in zip(model.towers, names, strict=True)]
+    hidden, outputs = [p[0] for p in parsed], [p[1] for p in parsed]
+    return hidden, outputs, tower_options(hidden, outputs, names)
+
+
+def _layer_options(experts: list[list[Dense]], names: list[str]) -> dict:
+    options = batched_options(experts, names)
+    return dict(expert_hidden=options.pop("hidden"), **options)
+
+
+def _convert_mmoe(model: MMOE) -> layers.MMoE:
+    names = [f"experts.{e}" for e in range(model.n_expert)]
+    experts = [
+        _mlp_layers(expert, name, output_layer=False)[0] for expert, name in zip(model.experts, names, strict=True)
+    ]
+    gates = [_gate_layers(gate, f"gates.{t}") for t, gate in enumerate(model.gates)]
+    hidden, outputs, towers = _towers(model)
+    options = _layer_options(experts, names)
+    layer = layers.MMoE(
+        model.input_dims,
+        model.n_expert,
+        options.pop("expert_hidden"),
+        model.n_task,
+        gate="softmax",
+        gate_batch_norm=True,
+        **options,
+        **towers,
+    )
+    layer.to(module_device(model))
+    load_mlp(layer.experts, experts)
+    load_gate(layer.gate, [], [g[0] for g in gates], [g[1] for g in gates])
+    load_towers(layer.towers, hidden, outputs)
+    return layer
+
+
+def _convert_ple(model: PLE) -> layers.PLE:
+    first = model.cgc_layers[0]
+    tasks, per_task, shared = model.n_task, first.n_expert_specific, first.n_expert_shared
+    levels = []  # per level: (expert MLPs in fused order, gates, options)
+    for level, cgc in enumerate(model.cgc_layers):
+        prefix = f"cgc_layers.{level}"
+        names = [f"{prefix}.experts_shared.{s}" for s in range(shared)]
+        names += [f"{prefix}.experts_specific.{i}" for i in range(tasks * per_task)]
+        modules = [*cgc.experts_shared, *cgc.experts_specific]
+        experts = [_mlp_layers(m, name, output_layer=False)[0] for m, name in zip(modules, names, strict=True)]
+        gates = [_gate_layers(gate, f"{prefix}.gates_specific.{t}") for t, gate in enumerate(cgc.gates_specific)]
+        if cgc.cur_level < cgc.n_level:
+            gates.append(_gate_layers(cgc.gate_shared, f"{prefix}.gate_shared"))
+        levels.append((experts, gates, _layer_options(experts, names)))
+    options = levels[0][2]
+    for level, (_, _, level_options) in enumerate(levels):
+        if level_options != options:
+            raise ValueError(
+                f"cgc_layers.{level}'s experts differ from cgc_layers.0's; the fused PLE builds every level alike"
+            )
+    hidden, outputs, towers = _towers(model)
+    options = dict(options)
+    layer = layers.PLE(
+        model.input_dims,
+        tasks,
+        shared,
+        per_task,
+        options.pop("expert_hidden"),
+        num_levels=model.n_level,
+        gate="softmax",
+        gate_batch_norm=True,
+        **options,
+        **towers,
+    )
+    layer.to(module_device(model))
+    for level, (fused, (experts, gates, _)) in enumerate(zip(layer.levels, levels, strict=True)):
+        columns = cgc_gate_columns(tasks, per_task, shared, shared_gate=level < model.n_level - 1)
+        load_mlp(fused.experts, experts)
+        load_gate(fused.gate, [], [g[0] for g in gates], [g[1] for g in gates], columns)
+    load_towers(layer.towers, hidden, outputs)
+    return layer
+
+
+def to_fused(model: nn.Module) -> FusedMultiTask:
+    """A torch-rechub ``MMOE`` or ``PLE`` as a :class:`~fused_gate.MMoE` / :class:`~fused_gate.PLE` with towers.
+
+    Every weight and BatchNorm buffer is copied: the experts into one batched MLP per level, the gates
+    (Linear, BatchNorm on the logits) into one :class:`~fused_gate.SoftmaxGate` per level, the towers into
+    batched towers. The result keeps copies of the model's embedding and prediction layers, so
+    ``converted(x)`` takes the model's input and returns its output ``[B, T]``; ``converted.layer`` is the
+    fused layer, which maps the embedded input ``[B, in]`` to the towers' logits ``[B, T]``. ``model`` is
+    not changed.
+
+    Raises:
+        TypeError: ``model`` is neither a torch-rechub ``MMOE`` nor ``PLE``.
+        ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
+            Sigmoid, Tanh, LeakyReLU(0.01) (PReLU and Dice have learned parameters), towers or experts of
+            different widths, activations or dropout, a gate with dropout after its softmax.
+    """
+    if isinstance(model, MMOE):
+        layer = _convert_mmoe(model)
+    elif isinstance(model, PLE):
+        layer = _convert_ple(model)
+    else:
+        raise TypeError(f"model must be a torch-rechub MMOE or PLE, got {type(model).__name__}")
+    embed = FeatureInput(copy.deepcopy(model.embedding), model.features)
+    return FusedMultiTask(embed, layer, copy.deepcopy(model.predict_layers))
