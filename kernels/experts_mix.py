@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fused_gate.kernels import INTERPRETED
 from fused_gate.kernels.config import (
     ExpertsMixConfig,
     KernelLaunch,
@@ -76,6 +77,7 @@ def _expert_chunk(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -94,6 +96,8 @@ def _expert_chunk(
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_k, mask=(r < B) & (offs_k[None, :] < K - k0), other=0.0)
         w = tl.load(w_k, mask=(offs_k[:, None] < K - k0) & (offs_d[None, :] < D), other=0.0)
+        if DOT_IN_FLOAT32:
+            x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_k += BLOCK_K * stride_xk
         w_k += BLOCK_K * stride_wk
@@ -124,6 +128,7 @@ def experts_mix_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
     HAS_MASK: tl.constexpr,
     MASK_PER_ROW: tl.constexpr,
     HAS_TOP_K: tl.constexpr,
@@ -161,7 +166,7 @@ def experts_mix_kernel(
                     x_ptr + expert * stride_xe, stride_xb, stride_xk,
                     w_ptr + expert * stride_we + col * stride_wd, stride_wk, stride_wd,
                     b_ptr + expert * stride_be + col * stride_bd, stride_bd,
-                    rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, ROWS, BLOCK_K, BLOCK_D,
+                    rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
                 )  # fmt: skip
                 dots = tl.sum(h[:, None, :] * c, axis=2)
                 s = tl.where((offs_e == e)[None, None, :], s + dots[:, :, None], s)
@@ -189,7 +194,7 @@ def experts_mix_kernel(
                     x_ptr + expert * stride_xe, stride_xb, stride_xk,
                     w_ptr + expert * stride_we + col * stride_wd, stride_wk, stride_wd,
                     b_ptr + expert * stride_be + col * stride_bd, stride_bd,
-                    rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, ROWS, BLOCK_K, BLOCK_D,
+                    rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
                 )[:, None, :]  # fmt: skip
                 # Attention: a non-finite H scores NaN or +-inf, so its weight is 0 or its row is NaN
                 # already (gate_tile.finite_or_zero); the softmax gate selects on the weight instead.
@@ -225,6 +230,9 @@ def plan_experts_mix(
         return y, p, []
     cfg = config or experts_mix_config(experts, in_features, dim, tasks)
     m = mask_operand(mask)
+    # Triton's interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns: it gets them
+    # in float32, where the products are exact, as on a tensor core. Compiled kernels keep bfloat16.
+    interpreted_bf16 = INTERPRETED and x.dtype == torch.bfloat16
     # x as [B, E, K]: a shared [B, K] input has expert stride 0.
     x_strides = x.stride() if x.dim() == 3 else (x.stride(0), 0, x.stride(1))
     args = (
@@ -249,7 +257,8 @@ def plan_experts_mix(
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
         # float32 inputs multiply in full precision, as torch's matmul does by default (no TF32).
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
+        DOT_IN_FLOAT32=interpreted_bf16,
         HAS_MASK=m is not None,
         MASK_PER_ROW=m is not None and m.dim() == 3,
         HAS_TOP_K=top_k is not None,
