@@ -42,14 +42,21 @@ from torch import Tensor
 
 from fused_gate.kernels import INTERPRETED
 from fused_gate.kernels.config import (
+    MIX_REGISTER_LIMIT,
     ExpertsMixConfig,
     KernelLaunch,
     experts_mix_config,
     mask_operand,
     operand,
-    register_limit,
 )
-from fused_gate.kernels.gate_tile import finite_or_zero, gate_weights, load_gate_tile, store_gate_tile, weighted
+from fused_gate.kernels.gate_tile import (
+    finite_or_zero,
+    gate_weights,
+    load_gate_tile,
+    load_task_vector,
+    store_gate_tile,
+    weighted,
+)
 
 ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "none")
 
@@ -93,18 +100,40 @@ def _expert_chunk(
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     x_k = x_ptr + r * stride_xb + offs_k[None, :] * stride_xk
     w_k = w_ptr + offs_k[:, None] * stride_wk + offs_d[None, :] * stride_wd
+    step = tl.cast(BLOCK_K, tl.int64)  # the K step in 64 bits: BLOCK_K * stride could overflow 32
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_k, mask=(r < B) & (offs_k[None, :] < K - k0), other=0.0)
         w = tl.load(w_k, mask=(offs_k[:, None] < K - k0) & (offs_d[None, :] < D), other=0.0)
         if DOT_IN_FLOAT32:
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_k += BLOCK_K * stride_xk
-        w_k += BLOCK_K * stride_wk
+        x_k += step * stride_xk
+        w_k += step * stride_wk
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d * stride_bd, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc, ACTIVATION)
     return tl.where((r < B) & (offs_d[None, :] < D), h, 0.0)
+
+
+@triton.jit
+def _add_context_scores(
+    s, h, e, c_ptr, rows, offs_t, offs_e, offs_d, B, D, stride_cb, stride_ct, stride_cd,
+    PER_ROW_CONTEXT: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+):  # fmt: skip
+    """``s[:, t, e] += <C[t, chunk], h>`` for every task; ``h`` is expert ``e``'s ``[ROWS, BLOCK_D]`` chunk.
+
+    One task at a time, as 2-D products in ``h``'s own layout: a ``[ROWS, BLOCK_T, BLOCK_D]``
+    product would need a layout conversion of ``h`` and more registers than the matmul leaves.
+    """
+    c_t = c_ptr
+    for t in range(0, NUM_TASKS):
+        c = tl.sum(load_task_vector(c_t, rows, offs_d, B, D, stride_cb, stride_cd, PER_ROW_CONTEXT), axis=1)
+        dots = tl.sum(h * c, axis=1)
+        here = (offs_t == t)[:, None] & (offs_e == e)[None, :]
+        s = tl.where(here[None, :, :], s + dots[:, None, None], s)
+        c_t += stride_ct
+    return s
 
 
 @triton.jit
@@ -151,15 +180,9 @@ def experts_mix_kernel(
 
     # 1. scores: <C[t], H[b,e]> over D chunks (attention), or the given logits.
     if ATTENTION:
-        # A shared context is loaded once per chunk as [1, BLOCK_T, BLOCK_D] (its row index 0, stride 0).
-        context_rows = rows if PER_ROW_CONTEXT else tl.zeros([1], dtype=tl.int64)
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             col = tl.cast(d0, tl.int64)
-            c = load_gate_tile(
-                cz_ptr + col * stride_czx, context_rows, offs_t, offs_d, B, NUM_TASKS, D - d0,
-                stride_czb, stride_czt, stride_czx,
-            )  # fmt: skip
             for e in range(0, E):
                 expert = tl.cast(e, tl.int64)
                 h = _expert_chunk(
@@ -168,8 +191,10 @@ def experts_mix_kernel(
                     b_ptr + expert * stride_be + col * stride_bd, stride_bd,
                     rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
                 )  # fmt: skip
-                dots = tl.sum(h[:, None, :] * c, axis=2)
-                s = tl.where((offs_e == e)[None, None, :], s + dots[:, :, None], s)
+                s = _add_context_scores(
+                    s, h, e, cz_ptr + col * stride_czx, rows, offs_t, offs_e, offs_d, B, D - d0,
+                    stride_czb, stride_czt, stride_czx, PER_ROW_CONTEXT, NUM_TASKS,
+                )  # fmt: skip
     else:
         s = load_gate_tile(cz_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_czb, stride_czt, stride_czx)
 
@@ -228,7 +253,7 @@ def plan_experts_mix(
     p = torch.empty((batch, tasks, experts), device=x.device, dtype=x.dtype) if return_weights else None
     if batch == 0:
         return y, p, []
-    cfg = config or experts_mix_config(experts, in_features, dim, tasks)
+    cfg = config or experts_mix_config(experts, in_features, dim, tasks, x.element_size())
     m = mask_operand(mask)
     # Triton's interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns: it gets them
     # in float32, where the products are exact, as on a tensor core. Compiled kernels keep bfloat16.
@@ -271,7 +296,7 @@ def plan_experts_mix(
         ROWS=cfg.rows,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        maxnreg=register_limit(backward=False, attention=attention),
+        maxnreg=MIX_REGISTER_LIMIT,
     )
     return y, p, [KernelLaunch(experts_mix_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
 
