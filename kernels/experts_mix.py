@@ -15,10 +15,11 @@ bias and the activation, all in registers.
 
 Two passes per program, chosen over an online softmax across experts:
 
-1. scores (attention gate only): for each expert, ``H[rows, e]`` chunk by chunk of D, dotted with
-   the task contexts; then ``p`` from all ``E`` scores at once by ``gate_tile.gate_weights``, the
-   very function of the two-step kernels, so mask, top-k, ties and special values are identical by
-   construction (top-k needs every score before any weight is known anyway).
+1. scores (attention gate only): per D chunk, for each expert, ``H[rows, e, chunk]`` dotted with
+   each task's context chunk (one task at a time, in the matmul's register layout); then ``p`` from
+   all ``E`` scores at once by ``gate_tile.gate_weights``, the very function of the two-step kernels,
+   so mask, top-k, ties and special values are identical by construction (top-k needs every score
+   before any weight is known anyway).
 2. mix: per D chunk, for each expert, ``H[rows, e, chunk]`` again, accumulated into
    ``Y[rows, :, chunk]`` with its weights ``p[rows, :, e]``; experts no row of the program uses
    (weight 0 for every row and task: masked out, or outside the top-k) are skipped.
@@ -26,8 +27,9 @@ Two passes per program, chosen over an online softmax across experts:
 The softmax gate runs pass 2 only (its weights come from the logits): the expert matmul once. The
 attention gate computes it twice, trading FLOPs for registers: an online softmax would hold the
 accumulator ``Y[rows, :, :]`` over all of ``T * D`` in registers at once, which only fits small
-``T * D``, and could not apply top-k. Either way nothing of size ``B * E * D`` is written: the bytes
-are ``X + W + bias + C | Z + Y`` (``W`` read once per program, an L2 hit after the first).
+``T * D``, and could not apply top-k. Either way nothing of size ``B * E * D`` is written: the
+distinct bytes are ``X + W + bias + C | Z + Y``. Every program reads all of ``W`` once per pass and
+its ``X`` rows once per (pass, expert, D chunk): L2 and L1 hits, which more rows per program reduce.
 
 Every address is computed in 64 bits (rows, experts and loop offsets widened before they meet a
 stride); any strides are accepted.
