@@ -86,11 +86,14 @@ def experts_mix(
     Args:
         x: ``[B, K]`` (every expert reads the same input, as MMoE's one-layer experts) or ``[B, E, K]``
             (one input per expert: the last layer of deeper experts, PLE's per-group inputs); any strides.
-        weight: ``[E, K, D]``, same dtype as ``x``. bias: ``[E, D]`` or None.
-        gate: ``"attention"`` (needs ``context [T, D]`` or ``[B, T, D]``; ``scale`` defaults to
-            ``1 / sqrt(D)``) or ``"softmax"`` (needs ``logits [B, T, E]``, from the gate's own layers;
-            ``temperature > 0``).
+        weight: ``[E, K, D]``, same dtype as ``x``.
+        bias: ``[E, D]`` or None.
+        gate: ``"attention"`` (scores from ``context``) or ``"softmax"`` (scores from ``logits``).
+        context: the attention gate's task vectors ``[T, D]`` (shared) or ``[B, T, D]`` (per row).
+        logits: the softmax gate's scores ``[B, T, E]``, from the gate's own layers.
         activation: ``"relu"``, ``"gelu"`` (erf), ``"silu"``, ``"sigmoid"`` or ``"none"``.
+        scale: the attention gate's score scale, default ``1 / sqrt(D)``.
+        temperature: the softmax gate's temperature (> 0).
         mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`.
 
     Returns:

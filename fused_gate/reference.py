@@ -378,7 +378,9 @@ def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
 
     Args:
         x: ``[B, K]`` (every expert reads the same input) or ``[B, E, K]`` (one input per expert).
-        weight: ``[E, K, D]``; bias: ``[E, D]`` or None; activation: a name of ``ACTIVATION_FUNCTIONS``.
+        weight: ``[E, K, D]``.
+        bias: ``[E, D]`` or None.
+        activation: a name of ``ACTIVATION_FUNCTIONS``.
     """
     dtype = _compute_dtype(x, weight, bias)
     h = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
@@ -406,8 +408,8 @@ def experts_mix(
     or :func:`softmax_mix_forward` on it. No autograd (inference).
 
     Args:
-        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature,
-            return_weights: as in :func:`fused_gate.experts_mix` (float64 accepted too).
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights: as
+            in :func:`fused_gate.experts_mix` (float64 accepted too).
 
     Returns:
         ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
