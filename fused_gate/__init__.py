@@ -8,7 +8,7 @@ also computes the experts' last layer in the same kernel, so their outputs are n
 """
 
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
-from fused_gate.experts import experts_mix
+from fused_gate.fused_experts import experts_mix
 from fused_gate.gates import AttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE

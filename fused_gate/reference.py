@@ -365,10 +365,12 @@ def softmax_mix(
 
 ACTIVATION_FUNCTIONS = {
     "relu": torch.relu,
+    "leaky_relu": torch.nn.functional.leaky_relu,
     "gelu": torch.nn.functional.gelu,
     "silu": torch.nn.functional.silu,
     "sigmoid": torch.sigmoid,
-    "none": lambda h: h,
+    "tanh": torch.tanh,
+    "identity": lambda h: h,
 }
 
 

@@ -60,20 +60,25 @@ from fused_gate.kernels.gate_tile import (
     weighted,
 )
 
-ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "none")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "identity")
 
 
 @triton.jit
 def _activate(h, ACTIVATION: tl.constexpr):
-    """``act(h)``; ReLU keeps NaN (as ``torch.relu``), where a max instruction would drop it."""
+    """``act(h)`` for a name of ``ACTIVATIONS`` (``"identity"``: ``h``). Selects rather than max
+    instructions, which would drop NaN where torch keeps it."""
     if ACTIVATION == "relu":
         h = tl.where(h < 0.0, 0.0, h)
+    elif ACTIVATION == "leaky_relu":
+        h = tl.where(h < 0.0, 0.01 * h, h)  # torch's default negative slope
     elif ACTIVATION == "gelu":
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACTIVATION == "silu":
         h = h * tl.sigmoid(h)
     elif ACTIVATION == "sigmoid":
         h = tl.sigmoid(h)
+    elif ACTIVATION == "tanh":
+        h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
     return h
 
 

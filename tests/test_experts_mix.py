@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_gate as fg
-import fused_gate.experts
+import fused_gate.fused_experts
 from bench.memory_traffic import count_traffic
 from fused_gate.kernels import experts_mix as kernel
 from fused_gate.kernels.config import MIX_MAX_GATE, experts_mix_config
@@ -233,7 +233,7 @@ ERROR_CASES = [
     ({"weight": torch.randn(2, 8)}, ValueError, "weight must be 3-D [E, K, D]"),
     ({"x": torch.randn(4, 8).half()}, TypeError, "must have the same dtype"),
     ({"bias": torch.randn(6)}, ValueError, "bias must be None or [E, D]"),
-    ({"activation": "tanh"}, ValueError, "activation must be one of"),
+    ({"activation": "softplus"}, ValueError, "activation must be one of"),
     ({"gate": "linear"}, ValueError, "gate must be 'attention' or 'softmax'"),
     ({"context": None}, ValueError, "gate='attention' needs context"),
     ({"context": torch.randn(2, 7)}, ValueError, "context has D = 7 but x and weight has D = 6"),
@@ -263,7 +263,7 @@ def test_rejects(changes, exc, message, device):
 
 def test_fallback_runs_the_reference(monkeypatch, device):
     """Off the kernel path (CPU without the interpreter) the op is the reference itself."""
-    monkeypatch.setattr(fused_gate.experts, "uses_kernels", lambda x: False)
+    monkeypatch.setattr(fused_gate.fused_experts, "uses_kernels", lambda x: False)
     x, weight, bias = make_layer(5, 3, 8, 6, dtype=torch.float64, device=device)
     context = torch.randn(2, 6, dtype=torch.float64, device=device)
     y = fg.experts_mix(x, weight, bias, context=context, top_k=2)
@@ -289,3 +289,16 @@ def test_property_matches_reference(batch, experts, in_features, dim, tasks, gat
     top_k = 1 + seed % experts if use_top_k else None
     inputs = gate_inputs(gate, batch, experts, dim, tasks, device=device, seed=seed + 1)
     compare(x, weight, bias, torch.float32, mask=mask, top_k=top_k, **inputs)
+
+
+def test_one_graph_node_under_torch_compile(device):
+    """A custom op with a fake kernel: ``torch.compile(fullgraph=True)`` traces through it."""
+    x, weight, bias = make_layer(9, 3, 16, 8, device=device)
+    context = torch.randn(2, 8, device=device)
+
+    def layer(x, weight, bias, context):
+        return fg.experts_mix(x, weight, bias, context=context, activation="tanh") * 2.0
+
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, weight, bias, context), layer(x, weight, bias, context))

@@ -91,7 +91,8 @@ def experts_mix(
         gate: ``"attention"`` (scores from ``context``) or ``"softmax"`` (scores from ``logits``).
         context: the attention gate's task vectors ``[T, D]`` (shared) or ``[B, T, D]`` (per row).
         logits: the softmax gate's scores ``[B, T, E]``, from the gate's own layers.
-        activation: ``"relu"``, ``"gelu"`` (erf), ``"silu"``, ``"sigmoid"`` or ``"none"``.
+        activation: ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"gelu"`` (erf), ``"silu"``, ``"sigmoid"``,
+            ``"tanh"`` or ``"identity"``.
         scale: the attention gate's score scale, default ``1 / sqrt(D)``.
         temperature: the softmax gate's temperature (> 0).
         mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`.
