@@ -15,6 +15,7 @@ from fused_gate.kernels.config import MIX_MAX_GATE, experts_mix_config
 
 from .conftest import assert_matches
 from .test_attention_mix import LaunchCounter, _mask
+from .test_special_values import far_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN, INF = float("nan"), float("inf")
@@ -302,3 +303,14 @@ def test_one_graph_node_under_torch_compile(device):
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x, weight, bias, context), layer(x, weight, bias, context))
+
+
+@pytest.mark.parametrize("gate", ["attention", "softmax"])
+def test_far_experts_are_read_at_their_address(gate, device):
+    """Weights and per-expert inputs stored expert-major 2**28 elements apart: expert 8 starts past 2**31."""
+    batch, experts, in_features, dim, tasks = 3, 9, 4, 5, 2
+    x, weight, bias = make_layer(batch, experts, in_features, dim, per_expert=True, dtype=torch.bfloat16)
+    far_x = far_view(x, (in_features, 2**28, 1), 64, device)
+    far_weight = far_view(weight, (2**28, dim, 1), 64, device)
+    inputs = gate_inputs(gate, batch, experts, dim, tasks, dtype=torch.bfloat16, device=device)
+    compare(far_x, far_weight, bias.to(device), torch.bfloat16, **inputs)
