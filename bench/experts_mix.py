@@ -141,7 +141,9 @@ class Measurement:
 
 
 def median_seconds(call: Callable[[], object], rounds: int, round_s: float = 0.005) -> float:
-    """Median over ``rounds`` of the time per call on the device's clock (``bench/timing.py``)."""
+    """Median over ``rounds`` of the time per call on the device's clock (``bench/timing.py``), after a
+    warm-up call (compilation, autotuning, allocator)."""
+    call()
     iterations = iterations_for(call, round_s) if ON_CUDA else 1
     times = []
     for _ in range(rounds):
