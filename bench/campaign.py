@@ -8,7 +8,10 @@ Steps, each a child process with its own time limit (about 25 minutes in all on 
 2. the bench ``small`` grid for every implementation in bf16 (``python -m bench.run``, which writes the
    report);
 3. the tuning sweep of both ops (``python -m bench.tune``);
-4. the memory-traffic table of the same shapes (``python -m bench.traffic``, interpreted).
+4. the memory-traffic table of the same shapes, and of experts_mix (``python -m bench.traffic``,
+   interpreted);
+5. MMoE inference, the experts' last layer + gate in one kernel against the two-step path, eager and
+   torch.compile (``python -m bench.experts_mix``, bf16).
 
 Everything lands in a results folder (``bench/results/<date>_<device>/``, logs included); OUTDIR
 (default ``gpu-campaign/``) receives at most six files: ``results.tar.gz`` (the whole folder),
@@ -53,19 +56,25 @@ def steps(results: Path, dry_run: bool) -> list[Step]:
     tests += [f"--junitxml={results / 'tests.xml'}"]
     bench = [py, "-m", "bench.run", "--out", str(results), "--grid", "small", "--dtypes", "bf16"]
     tune = [[py, "-m", "bench.tune", "--op", op, "--out", str(results)] for op in ("attention_mix", "softmax_mix")]
-    traffic = [py, "-m", "bench.traffic", "--grid", "small", "--out", str(results)]
+    traffic = [py, "-m", "bench.traffic", "--grid", "small", "--experts-mix", "--out", str(results)]
+    experts = [py, "-m", "bench.experts_mix", "--shapes", "mmoe", "--dtype", "bf16", "--out", str(results)]
     if dry_run:
         tests[3] = "tests/test_gates.py"
         bench[bench.index("small")] = "smoke"
         bench[bench.index("bf16")] = "fp32"
         bench += ["--impls", "fused,eager,copy", "--passes", "fwd"]
         traffic[traffic.index("small")] = "smoke"
+        traffic.remove("--experts-mix")
+        experts[experts.index("mmoe")] = "smoke"
+        experts[experts.index("bf16")] = "fp32"
+        experts += ["--impls", "one-kernel,two-step,eager"]
     return [
         Step("test suite", tests, 420),
         Step("bench small grid, every implementation, bf16", bench, 600),
         Step("tuning sweep attention_mix", tune[0], 150),
         Step("tuning sweep softmax_mix", tune[1], 150),
-        Step("memory traffic", traffic, 180, interpret=True),
+        Step("memory traffic", traffic, 240, interpret=True),
+        Step("bench experts_mix, MMoE inference, bf16", experts, 420),
     ]
 
 

@@ -15,6 +15,11 @@ to the grids planned at the grid's batches, so the per-program terms follow the 
 kernels size their grid by the device: these counts use the CPU tensors' (interpreter's) grid.
 Output: ``traffic_<dtype>.md`` and ``.json`` in DIR (default ``bench/results/<date>_<device>/``); the
 Markdown is printed too.
+
+``--experts-mix`` adds ``traffic_experts_mix_<dtype>.md``: ``fused_gate.experts_mix`` (the experts'
+last layer and the gate in one kernel) at ``bench/experts_mix.py``'s MMoE shapes with B = 65536 and
+T = 2, both gates, counted the same way at B = ROWS and 2 * ROWS (whole programs, so the line is exact), next
+to the two-step path's bytes ``floor + 2 |H|`` (``H`` written by the experts' matmul, read by the gate).
 """
 
 from __future__ import annotations
@@ -28,17 +33,19 @@ import argparse
 import datetime
 import json
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 import fused_gate as fg
+from bench import experts_mix
 from bench.cases import DTYPES, GRIDS, OPS, Shape, floor_bytes, make_inputs
 from bench.memory_traffic import LaunchTraffic, Traffic, count_traffic
 from bench.report import results_dir
 from bench.timing import device_label
 from fused_gate.kernels import INTERPRETED
+from fused_gate.kernels.config import experts_mix_config
 
 PASSES = ("fwd", "bwd")
 COUNTS = tuple(f.name for f in fields(Traffic))
@@ -210,6 +217,80 @@ def to_json(results: list[PassTraffic]) -> list[dict]:
     ]
 
 
+@dataclass
+class ExpertsMixTraffic:
+    """One experts_mix launch (counted, extrapolated to ``shape.B``) and the bytes around it."""
+
+    gate: str
+    dtype: str
+    shape: experts_mix.MMoEShape
+    floor: int  # the one kernel's: |X| + |W| + |b| + |C or Z| + |Y|
+    expert_bytes: int  # |H|
+    output_bytes: int  # |Y|
+    interpreted_at: tuple[int, int]
+    launches: list[LaunchTraffic]
+
+    @property
+    def two_step(self) -> int:
+        """The two-step path's least bytes: the same floor, plus ``H`` written and read back."""
+        return self.floor + 2 * self.expert_bytes
+
+
+def _experts_mix_launches(gate: str, shape: experts_mix.MMoEShape, dtype: torch.dtype) -> list[LaunchTraffic]:
+    inputs = experts_mix.make_inputs(gate, shape, dtype, "cpu")
+    with torch.no_grad(), count_traffic() as launches:
+        fg.experts_mix(**inputs, gate=gate)
+    return launches
+
+
+def measure_experts_mix(gate: str, shape: experts_mix.MMoEShape, dtype: str) -> ExpertsMixTraffic:
+    """The launch at ``shape``, on the line through B = ROWS and 2 * ROWS (``shape.B`` a multiple of ROWS)."""
+    torch_dtype = DTYPES[dtype]
+    rows = experts_mix_config(shape.E, shape.K, shape.D, shape.T, torch_dtype.itemsize).rows
+    if shape.B % rows:
+        raise ValueError(f"B = {shape.B} is not a multiple of the {rows} rows per program: no exact line")
+    b1, b2 = rows, 2 * rows
+    first, second = (_experts_mix_launches(gate, replace(shape, B=b), torch_dtype) for b in (b1, b2))
+    launches = [extrapolate(x, y, b1, b2, shape.B) for x, y in zip(first, second, strict=True)]
+    out = shape.B * shape.T * shape.D * torch_dtype.itemsize
+    floor = experts_mix.floor_bytes(gate, shape, torch_dtype)
+    h = experts_mix.expert_bytes(shape, torch_dtype)
+    return ExpertsMixTraffic(gate, dtype, shape, floor, h, out, (b1, b2), launches)
+
+
+def experts_mix_markdown(results: list[ExpertsMixTraffic], command: str) -> str:
+    head = ["gate", "shape", "launches", "programs", "stored MB", "|Y| MB", "|H| MB", "loaded unique MB"]
+    head += ["loaded total MB", "one kernel unique / floor", "two-step floor MB", "one kernel / two-step"]
+    lines = [
+        f"# Memory traffic of experts_mix (experts' last layer + gate, one kernel), {results[0].dtype}",
+        "",
+        f"Counted through the Triton interpreter (a count of bytes, not a timing); `{command}`, "
+        f"{datetime.date.today()}. Interpreted at B = ROWS and 2 * ROWS, extrapolated on the line. stored = "
+        "every byte the launch writes: Y only, nothing of size B * E * D. two-step floor = the same floor "
+        "+ 2 |H| (the experts' matmul writes H, the gate reads it back).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + " --- |" * len(head),
+    ]
+    for r in results:
+        stored = sum(x.stored for x in r.launches)
+        unique_loaded = sum(x.unique_loaded for x in r.launches)
+        loaded = sum(x.loaded for x in r.launches)
+        unique = sum(x.unique for x in r.launches)
+        cells = [r.gate, r.shape.id, len(r.launches), "+".join(str(x.programs) for x in r.launches)]
+        cells += [f"{b / 1e6:.1f}" for b in (stored, r.output_bytes, r.expert_bytes, unique_loaded, loaded)]
+        cells += [f"{unique / r.floor:.3f}", f"{r.two_step / 1e6:.1f}", f"{unique / r.two_step:.3f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def experts_mix_table(dtype: str) -> list[ExpertsMixTraffic]:
+    """Both gates at the shapes of ``bench/experts_mix.py``'s ``mmoe`` list with B = 65536 and T = 2
+    (the wider ones take minutes to interpret)."""
+    shapes = [s for s in experts_mix.SHAPES["mmoe"] if s.B == 65536 and s.T == 2]
+    return [measure_experts_mix(gate, shape, dtype) for gate in experts_mix.GATES for shape in shapes]
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__.split("\n\n")[0])
@@ -217,6 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--ops", default=",".join(OPS), help="comma list of " + ",".join(OPS))
     parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<date>_<device>/)")
+    parser.add_argument("--experts-mix", action="store_true", help="also count experts_mix (see above)")
     args = parser.parse_args(argv)
     if not INTERPRETED:
         parser.error("the kernels were defined before TRITON_INTERPRET=1 was set; run python -m bench.traffic")
@@ -231,6 +313,10 @@ def main(argv: list[str] | None = None) -> Path:
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(to_json(results), indent=1))
     print(text)
+    if args.experts_mix:
+        mixed = experts_mix_markdown(experts_mix_table(args.dtype), " ".join(["python -m bench.traffic", *argv]))
+        (out / f"traffic_experts_mix_{args.dtype}.md").write_text(mixed)
+        print(mixed)
     return out
 
 

@@ -2,11 +2,13 @@
 
 ``attention_mix`` (attention gate: learned per-task context vectors as queries over the expert
 outputs) and ``softmax_mix`` (classic MMoE/PLE gate) compute scores, the masked softmax over experts
-and the weighted sum of expert outputs in one pass, forward and backward. ``fused_gate.reference``
-holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
+and the weighted sum of expert outputs in one pass, forward and backward; ``experts_mix`` (inference)
+also computes the experts' last layer in the same kernel, so their outputs are never written.
+``fused_gate.reference`` holds the plain-PyTorch twins (the tests' oracle and the CPU fallback).
 """
 
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
+from fused_gate.fused_experts import experts_mix
 from fused_gate.gates import AttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE
@@ -20,6 +22,7 @@ __all__ = [
     "MMoE",
     "SoftmaxGate",
     "attention_mix",
+    "experts_mix",
     "reference",
     "softmax_mix",
     "swap_in",

@@ -10,9 +10,11 @@ import math
 import numbers
 
 import torch
+import triton
 from torch import Tensor
 
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
+from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS, MIX_MAX_GATE
+from fused_gate.kernels.experts_mix import ACTIVATIONS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -110,12 +112,8 @@ def validate_positive_float(name: str, value: object, *, reciprocal: bool = Fals
     return value
 
 
-def check_attention_mix(
-    h: object, context: object, scale: object, mask: object, top_k: object, *, kernel_path: bool
-) -> tuple[float, int | None]:
-    """Validate ``attention_mix`` inputs; returns ``(scale, top_k)`` as Python numbers (the default
-    scale ``1 / sqrt(D)`` filled in)."""
-    batch, experts, dim = _check_h(h, kernel_path)
+def _check_context(context: object, batch: int, dim: int, kernel_path: bool, source: str = "h [B, E, D]") -> int:
+    """Validate a context ``[T, D]`` or ``[B, T, D]`` against ``B`` and ``D`` of ``source``; returns ``T``."""
     _check_float_tensor("context", context, kernel_path)
     if context.dim() == 2:
         tasks, cdim = context.shape
@@ -123,16 +121,41 @@ def check_attention_mix(
         cbatch, tasks, cdim = context.shape
         if cbatch != batch:
             raise ValueError(
-                f"context [B, T, D] has B = {cbatch} rows but h has B = {batch}; "
-                "a per-row context needs one row per row of h"
+                f"context [B, T, D] has B = {cbatch} rows but {source} has B = {batch}; "
+                "a per-row context needs one row per input row"
             )
     else:
         raise ValueError(
             f"context must be [T, D] (one vector per task) or [B, T, D] (per row), got shape {tuple(context.shape)}"
         )
     if cdim != dim:
-        raise ValueError(f"context has D = {cdim} but h has D = {dim} (h [B, E, D], context [T, D])")
+        raise ValueError(f"context has D = {cdim} but {source} has D = {dim} (context [T, D])")
     _check_tasks(tasks, kernel_path, "context")
+    return tasks
+
+
+def _check_logits(logits: object, batch: int, experts: int, kernel_path: bool, source: str = "h [B, E, D]") -> int:
+    """Validate gate logits ``[B, T, E]`` against ``B`` and ``E`` of ``source``; returns ``T``."""
+    _check_float_tensor("logits", logits, kernel_path)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D [B, T, E], got shape {tuple(logits.shape)}")
+    lbatch, tasks, lexperts = logits.shape
+    if lbatch != batch or lexperts != experts:
+        raise ValueError(
+            f"logits must be [B, T, E] with B = {batch} and E = {experts} from {source}, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    _check_tasks(tasks, kernel_path, "logits")
+    return tasks
+
+
+def check_attention_mix(
+    h: object, context: object, scale: object, mask: object, top_k: object, *, kernel_path: bool
+) -> tuple[float, int | None]:
+    """Validate ``attention_mix`` inputs; returns ``(scale, top_k)`` as Python numbers (the default
+    scale ``1 / sqrt(D)`` filled in)."""
+    batch, experts, dim = _check_h(h, kernel_path)
+    tasks = _check_context(context, batch, dim, kernel_path)
     scale = dim**-0.5 if scale is None else validate_positive_float("scale", scale)
     _check_mask(mask, batch, tasks, experts)
     top_k = validate_top_k(top_k, experts)
@@ -145,18 +168,80 @@ def check_softmax_mix(
 ) -> tuple[float, int | None]:
     """Validate ``softmax_mix`` inputs; returns ``(temperature, top_k)`` as Python numbers."""
     batch, experts, _ = _check_h(h, kernel_path)
-    _check_float_tensor("logits", logits, kernel_path)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be 3-D [B, T, E], got shape {tuple(logits.shape)}")
-    lbatch, tasks, lexperts = logits.shape
-    if lbatch != batch or lexperts != experts:
-        raise ValueError(
-            f"logits must be [B, T, E] with B = {batch} and E = {experts} from h [B, E, D], "
-            f"got shape {tuple(logits.shape)}"
-        )
-    _check_tasks(tasks, kernel_path, "logits")
+    tasks = _check_logits(logits, batch, experts, kernel_path)
     temperature = validate_positive_float("temperature", temperature, reciprocal=True)
     _check_mask(mask, batch, tasks, experts)
     top_k = validate_top_k(top_k, experts)
     _check_same_device(logits=logits, h=h, mask=mask)
     return temperature, top_k
+
+
+def _check_experts_layer(x: object, weight: object, bias: object, activation: object, kernel_path: bool):
+    """Validate the experts' last layer; returns ``(B, E, K, D)``."""
+    _check_float_tensor("weight", weight, kernel_path)
+    if weight.dim() != 3 or 0 in weight.shape:
+        raise ValueError(
+            f"weight must be 3-D [E, K, D] (experts, inputs, outputs), non-empty, got {tuple(weight.shape)}"
+        )
+    experts, in_features, dim = weight.shape
+    _check_float_tensor("x", x, kernel_path)
+    if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != experts) or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must be [B, K] (one input for every expert) or [B, E, K] (one per expert) with E = {experts} "
+            f"and K = {in_features} from weight [E, K, D], got shape {tuple(x.shape)}"
+        )
+    if kernel_path and x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype (one tl.dot of both)")
+    if bias is not None:
+        _check_float_tensor("bias", bias, kernel_path)
+        if tuple(bias.shape) != (experts, dim):
+            raise ValueError(f"bias must be None or [E, D] = {[experts, dim]}, got {list(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return x.shape[0], experts, in_features, dim
+
+
+def check_experts_mix(
+    x: object,
+    weight: object,
+    bias: object,
+    gate: object,
+    context: object,
+    logits: object,
+    activation: object,
+    mask: object,
+    top_k: object,
+    scale: object,
+    temperature: object,
+    *,
+    kernel_path: bool,
+) -> tuple[float, int | None]:
+    """Validate ``experts_mix`` inputs; returns ``(score scale, top_k)`` as Python numbers: ``scale``
+    (default ``1 / sqrt(D)``) for the attention gate, ``1 / temperature`` for the softmax gate."""
+    batch, experts, _, dim = _check_experts_layer(x, weight, bias, activation, kernel_path)
+    source = "x and weight"
+    if gate == "attention":
+        if logits is not None or temperature != 1.0:
+            raise ValueError("logits and temperature belong to gate='softmax'; the attention gate takes context, scale")
+        if context is None:
+            raise ValueError("gate='attention' needs context, the task vectors [T, D] or [B, T, D]")
+        tasks = _check_context(context, batch, dim, kernel_path, source)
+        score_scale = dim**-0.5 if scale is None else validate_positive_float("scale", scale)
+    elif gate == "softmax":
+        if context is not None or scale is not None:
+            raise ValueError("context and scale belong to gate='attention'; the softmax gate takes logits, temperature")
+        if logits is None:
+            raise ValueError("gate='softmax' needs logits, the gate's scores [B, T, E]")
+        tasks = _check_logits(logits, batch, experts, kernel_path, source)
+        score_scale = 1.0 / validate_positive_float("temperature", temperature, reciprocal=True)
+    else:
+        raise ValueError(f"gate must be 'attention' or 'softmax', got {gate!r}")
+    if kernel_path and triton.next_power_of_2(tasks) * triton.next_power_of_2(experts) > MIX_MAX_GATE:
+        raise ValueError(
+            f"experts_mix keeps every (task, expert) weight of its rows in registers: it supports "
+            f"next_power_of_2(T) * next_power_of_2(E) <= {MIX_MAX_GATE}, got T = {tasks}, E = {experts}"
+        )
+    _check_mask(mask, batch, tasks, experts)
+    top_k = validate_top_k(top_k, experts)
+    _check_same_device(x=x, weight=weight, bias=bias, context=context, logits=logits, mask=mask)
+    return score_scale, top_k

@@ -7,6 +7,7 @@ Math (``B`` rows, ``E`` experts, ``T`` tasks, ``D`` expert width)::
     allowed[b,t,e] = mask[t,e] (or mask[b,t,e]) and s[b,t,e] != -inf, then only the top_k best
     p[b,t,:] = softmax_e(s[b,t,:]) over the allowed experts   (none allowed: p = 0, Y = 0)
     Y[b,t,:] = sum_{e : p[b,t,e] != 0} p[b,t,e] * H[b,e,:]      Y : [B, T, D]
+    experts_mix:    H[b,e,:] = act(X[b,(e)] @ W[e] + bias[e]), then either gate on H (never rounded)
 
 Special values, the same in the kernels: a ``-inf`` score excludes its expert exactly like the mask;
 ``+inf`` or NaN among a (row, task)'s allowed scores make its whole ``p`` NaN (top-k always keeps a
@@ -25,13 +26,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_gate._checks import check_attention_mix, check_softmax_mix
+from fused_gate._checks import check_attention_mix, check_experts_mix, check_softmax_mix
 
 __all__ = [
     "allowed_experts",
     "attention_mix",
     "attention_mix_backward",
     "attention_mix_forward",
+    "experts_mix",
+    "experts_output",
     "gate_weights",
     "softmax_mix",
     "softmax_mix_backward",
@@ -355,4 +358,72 @@ def softmax_mix(
     """
     temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
     y, p, _ = _SoftmaxMix.apply(logits, h, temperature, mask, top_k)
+    return (y, p) if return_weights else y
+
+
+# ---------------------------------------------------------------------------- experts_mix
+
+ACTIVATION_FUNCTIONS = {
+    "relu": torch.relu,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "identity": lambda h: h,
+}
+
+
+def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "relu") -> Tensor:
+    """The experts' last layer ``H[b,e] = act(X[b,(e)] @ W[e] + bias[e])`` as ``[B, E, D]``, computed in
+    float32 (float64 if an input is), not rounded to ``x``'s dtype.
+
+    Args:
+        x: ``[B, K]`` (every expert reads the same input) or ``[B, E, K]`` (one input per expert).
+        weight: ``[E, K, D]``.
+        bias: ``[E, D]`` or None.
+        activation: a name of ``ACTIVATION_FUNCTIONS``.
+    """
+    dtype = _compute_dtype(x, weight, bias)
+    h = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
+    if bias is not None:
+        h = h + bias.to(dtype)
+    return ACTIVATION_FUNCTIONS[activation](h)
+
+
+def experts_mix(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    gate: str = "attention",
+    context: Tensor | None = None,
+    logits: Tensor | None = None,
+    activation: str = "relu",
+    mask: Tensor | None = None,
+    top_k: int | None = None,
+    scale: float | None = None,
+    temperature: float = 1.0,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The experts' last layer and the gate: :func:`experts_output`, then :func:`attention_mix_forward`
+    or :func:`softmax_mix_forward` on it. No autograd (inference).
+
+    Args:
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights: as
+            in :func:`fused_gate.experts_mix` (float64 accepted too).
+
+    Returns:
+        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
+    """
+    score_scale, top_k = check_experts_mix(
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, kernel_path=False
+    )
+    with torch.no_grad():
+        h = experts_output(x, weight, bias, activation)
+        if gate == "attention":
+            y, p, _ = attention_mix_forward(h, context, score_scale, mask, top_k)
+        else:
+            y, p, _ = softmax_mix_forward(logits, h, 1.0 / score_scale, mask, top_k)
+    y, p = y.to(x.dtype), p.to(x.dtype)
     return (y, p) if return_weights else y

@@ -93,6 +93,64 @@ def tile_config(num_experts: int, dim: int, num_tasks: int, backward: bool) -> T
     )
 
 
+# experts_mix (kernels/experts_mix.py): rows per program are the M of tl.dot (>= 16); the per-(row,
+# task, expert) scores and weights, [ROWS, BLOCK_T, BLOCK_E], stay live through the whole kernel.
+MIX_MIN_DOT = 16
+MIX_MAX_ROWS = 64
+MIX_GATE_TILE = 4096
+MIX_MAX_GATE = 512  # BLOCK_T * BLOCK_E: at 16 rows, an 8192-element gate tile over 16 warps
+MIX_ACCUMULATOR = 8192  # the Y accumulator [ROWS, BLOCK_T, BLOCK_D], float32
+MIX_MAX_BLOCK_D = 128
+MIX_DOT_BYTES = 64
+# A matmul kernel: one 8-warp program per SM may use the whole register file (tensor-core tiles hide
+# latency within a program); 16-warp programs get 128 registers per thread either way.
+MIX_REGISTER_LIMIT = 255
+
+
+@dataclass(frozen=True)
+class ExpertsMixConfig:
+    """Block sizes of one ``experts_mix`` launch: ``rows`` x ``block_k`` x ``block_d`` matmul tiles."""
+
+    block_t: int
+    block_e: int
+    block_k: int
+    block_d: int
+    rows: int
+    num_warps: int
+    num_stages: int = 1
+
+
+@functools.lru_cache(maxsize=1024)
+def experts_mix_config(
+    num_experts: int, in_features: int, dim: int, num_tasks: int, element_size: int = 2
+) -> ExpertsMixConfig:
+    """Pick the tile for ``E`` experts of ``K = in_features`` inputs and width ``D``, ``T`` tasks.
+
+    Every program reads all of ``W`` (an L2 hit after the first), so it takes as many rows as the gate
+    tile allows (up to 64, at least the 16 of ``tl.dot``); the D chunk then fills the accumulator
+    budget; the K chunk holds ``MIX_DOT_BYTES`` per row of the matmul's operands (32 values of 16
+    bits, 16 of float32). Both gates share the tile.
+    """
+    block_t = triton.next_power_of_2(num_tasks)
+    block_e = triton.next_power_of_2(num_experts)
+    rows = MIX_MAX_ROWS
+    while rows > MIX_MIN_DOT and rows * block_t * block_e > MIX_GATE_TILE:
+        rows //= 2
+    block_d = max(MIX_MIN_DOT, min(triton.next_power_of_2(dim), MIX_MAX_BLOCK_D, MIX_ACCUMULATOR // (rows * block_t)))
+    block_k = max(MIX_MIN_DOT, min(triton.next_power_of_2(in_features), MIX_DOT_BYTES // element_size))
+    gate = rows * block_t * block_e
+    accumulator = rows * block_t * block_d
+    warps = max(accumulator // (32 * ELEMENTS_PER_THREAD * 2), gate // (32 * GATE_ELEMENTS_PER_THREAD * 4), 4)
+    return ExpertsMixConfig(
+        block_t=block_t,
+        block_e=block_e,
+        block_k=block_k,
+        block_d=block_d,
+        rows=rows,
+        num_warps=min(MAX_WARPS, triton.next_power_of_2(warps)),
+    )
+
+
 def register_limit(*, backward: bool, attention: bool) -> int:
     """The per-thread register limit handed to ptxas.
 

@@ -15,7 +15,10 @@ on (per-row mask, top-k, weights out, weight gradients in) on sm_80 and sm_90; e
 at the widest tiles, every option combination, and the softmax gate, on sm_90. ``--full`` compiles every T from 1 to 16
 for every (E, D) above with every option combination of both ops (thousands of kernels: a many-core
 machine's job); ``--occupancy`` the bench's full grid as the bench runs it (no option), for
-``bench/occupancy.py``.
+``bench/occupancy.py``. ``experts_mix_cases`` (checked too, and compiled by every run but
+``--occupancy``): the one-kernel experts + gate at the bench's MMoE shapes and the extremes of its range,
+both gates, sm_80 and sm_90, with every option on, and with a per-row context, one input per expert
+and float32 operands.
 """
 
 from __future__ import annotations
@@ -53,6 +56,21 @@ HEAVIEST = ("per_row_mask", "top_k", "weights")
 # The widest tiles of each pass: where registers run out first.
 WIDEST = ((8, 1024), (16, 512))
 
+# experts_mix, as (E, K, D, T): bench/experts_mix.py's shapes, then the extremes (E = 1 and 256, K and
+# D = 1 and 4096, T = 16, the largest gate tile E * T = 512).
+EXPERTS_MIX = "experts_mix"
+EXPERTS_MIX_SHAPES = [
+    (8, 512, 256, 2),
+    (4, 128, 128, 2),
+    (16, 512, 512, 8),
+    (64, 256, 64, 1),
+    (1, 1, 1, 1),
+    (256, 64, 64, 2),
+    (64, 512, 256, 8),
+    (4, 64, 4096, 16),
+    (16, 4096, 1024, 8),
+]
+
 
 def option_sets(attention: bool) -> list[tuple[str, ...]]:
     """Every combination of options the launcher can meet for one op."""
@@ -87,6 +105,22 @@ def ci_cases() -> list[tuple]:
     cases = [c for c in _distinct(GRID + EXTREMES, CAPABILITIES, _heaviest) if c[4] or c[0] == 90]
     cases += [c for c in _distinct(every_t, (90,), _heaviest) if c not in cases]
     return cases + [c for c in _distinct([(8, 1024, 8)], (90,), option_sets) if c not in cases]
+
+
+def experts_mix_cases() -> list[tuple]:
+    """(EXPERTS_MIX, capability, E, K, D, T, attention, options) of the experts_mix kernel."""
+
+    def options(attention: bool) -> list[tuple[str, ...]]:
+        layouts = ("per_row_context",) * attention + ("per_expert_input", "float32")
+        return [HEAVIEST, layouts]
+
+    return [
+        (EXPERTS_MIX, cc, *shape, attention, opts)
+        for cc in CAPABILITIES
+        for shape in EXPERTS_MIX_SHAPES
+        for attention in (True, False)
+        for opts in options(attention)
+    ]
 
 
 def full_cases() -> list[tuple]:
@@ -154,6 +188,29 @@ def planned_launches(experts: int, dim: int, tasks: int, attention: bool, option
     return fwd + bwd
 
 
+def planned_experts_mix(
+    experts: int, in_features: int, dim: int, tasks: int, attention: bool, options: tuple[str, ...] = ()
+):
+    import torch
+
+    from fused_gate.kernels.experts_mix import plan_experts_mix
+
+    dt = torch.float32 if "float32" in options else torch.bfloat16
+    x = torch.empty(BATCH, *(experts,) * ("per_expert_input" in options), in_features, dtype=dt)
+    weight, bias = torch.empty(experts, in_features, dim, dtype=dt), torch.empty(experts, dim, dtype=dt)
+    if attention:
+        cz = torch.empty(*(BATCH,) * ("per_row_context" in options), tasks, dim, dtype=dt)
+    else:
+        cz = torch.empty(BATCH, tasks, experts, dtype=dt)
+    mask = torch.ones(BATCH, tasks, experts, dtype=torch.bool) if "per_row_mask" in options else None
+    top_k = max(1, experts // 2) if "top_k" in options else None
+    _, _, launches = plan_experts_mix(
+        x, weight, bias, cz, mask, 0.125, top_k, attention=attention, activation="relu",
+        return_weights="weights" in options,
+    )  # fmt: skip
+    return launches
+
+
 def compile_record(launch, capability: int, case: list) -> dict:
     compiled = compile_launch(launch, capability)
     return dict(
@@ -166,8 +223,12 @@ def compile_record(launch, capability: int, case: list) -> dict:
 
 
 def compile_case(case) -> list[dict]:
-    capability, experts, dim, tasks, attention, options = case
-    launches = planned_launches(experts, dim, tasks, attention, options)
+    if case[0] == EXPERTS_MIX:
+        capability, *shape = case[1:]
+        launches = planned_experts_mix(*shape)
+    else:
+        capability, experts, dim, tasks, attention, options = case
+        launches = planned_launches(experts, dim, tasks, attention, options)
     return [compile_record(launch, capability, list(case)) for launch in launches]
 
 
@@ -186,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.occupancy:
         cases = occupancy_cases([tuple(map(int, s.split(","))) for s in args.occupancy.split(";")])
     else:
-        cases = full_cases() if args.full else ci_cases()
+        cases = (full_cases() if args.full else ci_cases()) + experts_mix_cases()
     workers = max(1, min(16 if args.full else 4, os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = [r for records in pool.map(compile_case, cases) for r in records]

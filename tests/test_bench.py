@@ -127,3 +127,27 @@ def test_bench_suite_runs_and_reports(tmp_path):
             image = tmp_path / f"{figure}_{op}_fp32.png"
             assert image.stat().st_size > 10_000
             assert f"]({image.name})" in text
+
+
+def test_experts_mix_floor_is_the_stated_bytes():
+    """B = 65536, K = 512, E = 8, D = 256, T = 2 in bf16: about 670 MB in two steps, 130 MB in one kernel."""
+    from bench.experts_mix import MMoEShape, expert_bytes, floor_bytes
+
+    shape = MMoEShape(B=65536, K=512, E=8, D=256, T=2)
+    one = floor_bytes("attention", shape, torch.bfloat16)
+    assert one == 2 * (65536 * 512 + 8 * 512 * 256 + 8 * 256 + 2 * 256 + 65536 * 2 * 256)
+    assert round(one / 1e6) == 136 and round((one + 2 * expert_bytes(shape, torch.bfloat16)) / 1e6) == 673
+
+
+def test_experts_mix_bench_runs_end_to_end(tmp_path):
+    from bench import experts_mix
+
+    experts_mix.main(["--shapes", "smoke", "--impls", "one-kernel,two-step,eager", "--out", str(tmp_path)])
+    text = (tmp_path / "experts_mix_fp32.md").read_text()
+    assert text.count("\n| attention |") == 1 and text.count("\n| softmax |") == 1
+    assert "two-step / one-kernel time" in text and "not kernel speeds" in text
+    records = json.loads((tmp_path / "experts_mix_fp32.json").read_text())
+    assert {(r["gate"], r["impl"]) for r in records} == {
+        (g, i) for g in ("attention", "softmax") for i in ("one-kernel", "two-step", "eager")
+    }
+    assert all(r["seconds"] > 0 and r["gbps"] > 0 for r in records)

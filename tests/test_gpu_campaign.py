@@ -37,8 +37,9 @@ def test_dry_run_runs_every_step_and_writes_a_few_files(tmp_path):
     assert {"summary.md", "results.tar.gz", "report.md"} <= set(files)
     assert any(name.startswith("gbps_") and name.endswith(".png") for name in files)
     summary = (out / "summary.md").read_text()
-    assert "Dry run" in summary and summary.count("| ok |") == 5 and "| target | measured | met |" in summary
+    assert "Dry run" in summary and summary.count("| ok |") == 6 and "| target | measured | met |" in summary
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
-    for produced in ("tests.xml", "README.md", "tune_attention_mix_fp32.md", "traffic_bf16.md", "campaign.log"):
+    produced_files = ("tests.xml", "README.md", "tune_attention_mix_fp32.md", "traffic_bf16.md", "experts_mix_fp32.md")
+    for produced in (*produced_files, "campaign.log"):
         assert f"results/{produced}" in names, names

@@ -93,10 +93,10 @@ def test_nan_expert_propagates_with_top_k(top_k, path, device):
 # ---------------------------------------------------------------------------- 2. far offsets
 
 
-def far_view(values: torch.Tensor, strides: tuple[int, ...], offset: int) -> torch.Tensor:
-    """``values`` placed in a view whose offsets pass 2**31 elements (storage is only reserved)."""
+def far_view(values: torch.Tensor, strides: tuple[int, ...], offset: int, device: str = "cpu") -> torch.Tensor:
+    """``values`` placed in a view whose offsets pass 2**31 elements (on the CPU storage is only reserved)."""
     extent = offset + sum((n - 1) * s for n, s in zip(values.shape, strides, strict=True)) + 1
-    view = torch.empty(extent, dtype=values.dtype).as_strided(values.shape, strides, offset)
+    view = torch.empty(extent, dtype=values.dtype, device=device).as_strided(values.shape, strides, offset)
     view.copy_(values)
     return view
 

@@ -142,3 +142,31 @@ def test_cli_writes_the_table(tmp_path):
     assert text.count("\n| softmax_mix |") == 2 and "a count of bytes, not a timing" in text
     records = json.loads((tmp_path / "traffic_bf16.json").read_text())
     assert len(records) == 4 and all(r["total_ratio"] >= r["unique_ratio"] > 0 for r in records)
+
+
+def test_experts_mix_writes_nothing_of_size_h_in_one_launch():
+    """The experts' last layer + gate in one kernel: one launch at an MMoE shape of B = 65536, whose
+    stores are Y alone and whose distinct bytes are the floor |X| + |W| + |b| + |C or Z| + |Y| exactly."""
+    from bench.experts_mix import MMoEShape
+
+    shape = MMoEShape(B=65536, K=512, E=4, D=128, T=2)
+    for gate in ("attention", "softmax"):
+        r = traffic.measure_experts_mix(gate, shape, "bf16")
+        (launch,) = r.launches
+        assert launch.kernel == "experts_mix_kernel"
+        assert launch.stored == launch.unique_stored == r.output_bytes < r.expert_bytes
+        assert launch.unique == r.floor
+        assert launch.unique / r.two_step < 0.45  # 2 |H| = 134 MB of the two-step's 235 MB never moves
+
+
+def test_experts_mix_counts_are_linear_in_the_batch():
+    from dataclasses import replace
+
+    from bench.experts_mix import MMoEShape
+    from fused_gate.kernels.config import experts_mix_config
+
+    shape = MMoEShape(B=0, K=40, E=3, D=24, T=2)
+    rows = experts_mix_config(3, 40, 24, 2, 2).rows
+    predicted = traffic.measure_experts_mix("attention", replace(shape, B=3 * rows), "bf16").launches
+    counted = traffic._experts_mix_launches("attention", replace(shape, B=3 * rows), torch.bfloat16)
+    assert [(x.programs, x.total, x.unique) for x in predicted] == [(x.programs, x.total, x.unique) for x in counted]
