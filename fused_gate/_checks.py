@@ -101,7 +101,8 @@ def validate_positive_float(name: str, value: object, *, reciprocal: bool = Fals
         value = float(value)
     except OverflowError:
         raise ValueError(f"{name} = {value} is too large for float32 (at most {FLOAT32_MAX:.4g})") from None
-    if not math.isfinite(value) or value <= 0:
+    # Comparisons rather than math.isfinite: torch.compile traces them on a symbolic float.
+    if not -math.inf < value < math.inf or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     low, high = (FLOAT32_MIN, 1 / FLOAT32_MIN) if reciprocal else (FLOAT32_MIN, FLOAT32_MAX)
     if not low <= value <= high:
@@ -201,6 +202,12 @@ def _check_experts_layer(x: object, weight: object, bias: object, activation: ob
     return x.shape[0], experts, in_features, dim
 
 
+def fits_one_kernel(num_tasks: int, num_experts: int) -> bool:
+    """Whether the ``experts_mix`` kernel takes ``T`` tasks over ``E`` experts: its gate tile holds
+    ``next_power_of_2(T) * next_power_of_2(E) <= 512`` (e.g. E = 64 with T <= 8)."""
+    return triton.next_power_of_2(num_tasks) * triton.next_power_of_2(num_experts) <= MIX_MAX_GATE
+
+
 def check_experts_mix(
     x: object,
     weight: object,
@@ -236,7 +243,7 @@ def check_experts_mix(
         score_scale = 1.0 / validate_positive_float("temperature", temperature, reciprocal=True)
     else:
         raise ValueError(f"gate must be 'attention' or 'softmax', got {gate!r}")
-    if kernel_path and triton.next_power_of_2(tasks) * triton.next_power_of_2(experts) > MIX_MAX_GATE:
+    if kernel_path and not fits_one_kernel(tasks, experts):
         raise ValueError(
             f"experts_mix keeps every (task, expert) weight of its rows in registers: it supports "
             f"next_power_of_2(T) * next_power_of_2(E) <= {MIX_MAX_GATE}, got T = {tasks}, E = {experts}"

@@ -165,6 +165,12 @@ class Experts(BatchedMLP):
             in_features, num_experts, hidden, activation=activation, dropout=dropout, batch_norm=batch_norm
         )
 
+    def last_layer_input(self, x: Tensor) -> Tensor:
+        """The input of ``layers[-1]``: ``x`` through every layer but the last (``x`` itself for one layer)."""
+        for layer in self.layers[:-1]:
+            x = layer(x)
+        return x
+
 
 class TaskTowers(nn.Module):
     """One MLP tower per task, ``D -> hidden... -> 1``, batched: ``[B, T, D] -> [B, T]``.

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from fused_gate._checks import validate_positive_float, validate_top_k
-from fused_gate.experts import BatchedLinear, BatchedMLP, validate_widths
+from fused_gate.experts import BatchedDense, BatchedLinear, BatchedMLP, validate_widths
+from fused_gate.fused_experts import experts_mix
 from fused_gate.ops import attention_mix, softmax_mix
 
 
@@ -134,6 +135,20 @@ class AttentionMix(nn.Module):
         """
         return self(h, return_weights)
 
+    def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
+        """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
+        (:func:`fused_gate.experts_mix`; inference only).
+
+        Args:
+            x: the layer's input (not read: the attention gate scores the experts' outputs).
+            z: the input of the experts' last layer, ``[B, K]`` or ``[B, E, K]``.
+            layer: the experts' last layer (``weight [E, K, D]``, ``bias [E, D]``, its activation).
+        """
+        return experts_mix(
+            z, layer.weight, layer.bias, activation=layer.activation, context=self.context, scale=self.scale,
+            mask=self.mask, top_k=self.top_k,
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={v}" for k, v in (("scale", self.scale), ("top_k", self.top_k)) if v is not None)
         return f"num_tasks={self.num_tasks}, dim={self.dim}{extras}, masked={self.mask is not None}"
@@ -228,3 +243,17 @@ class SoftmaxGate(nn.Module):
         Args: ``x``, ``h`` and ``return_weights`` as in :meth:`forward`.
         """
         return self(x, h, return_weights)
+
+    def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
+        """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
+        (:func:`fused_gate.experts_mix`; inference only).
+
+        Args:
+            x: the gates' input, as in :meth:`forward` (the logits come from it).
+            z: the input of the experts' last layer, ``[B, K]`` or ``[B, E, K]``.
+            layer: the experts' last layer (``weight [E, K, D]``, ``bias [E, D]``, its activation).
+        """
+        return experts_mix(
+            z, layer.weight, layer.bias, gate="softmax", activation=layer.activation, logits=self.logits(x),
+            temperature=self.temperature, mask=self.mask, top_k=self.top_k,
+        )  # fmt: skip

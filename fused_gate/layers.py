@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._checks import validate_top_k
+from fused_gate._checks import fits_one_kernel, validate_top_k
 from fused_gate.experts import Experts, TaskTowers, validate_widths
 from fused_gate.gates import AttentionMix, SoftmaxGate
+from fused_gate.ops import uses_kernels
 
 GATES = ("attention", "softmax")
 
@@ -83,6 +84,31 @@ def _make_towers(
     )
 
 
+def _one_kernel_applies(experts: Experts, gate: AttentionMix | SoftmaxGate, x: Tensor) -> bool:
+    """Whether :func:`fused_gate.experts_mix` can serve this call: inference (eval mode, no autograd), a last
+    expert layer without BatchNorm, the kernels' device, one dtype (no autocast), and a gate tile it holds."""
+    last = experts.layers[-1]
+    return (
+        not experts.training
+        and not torch.is_grad_enabled()
+        and last.batch_norm is None
+        and uses_kernels(x)
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == last.weight.dtype
+        and fits_one_kernel(gate.num_tasks, last.groups)
+    )
+
+
+def _gate_mix(
+    gate: AttentionMix | SoftmaxGate, experts: Experts, gate_input: Tensor, expert_input: Tensor, fused_experts: bool
+) -> Tensor:
+    """``gate.mix(gate_input, experts(expert_input))``; in inference, with ``fused_experts``, the experts' last
+    layer and the gate run as one kernel and the experts' outputs are never written."""
+    if fused_experts and _one_kernel_applies(experts, gate, expert_input):
+        return gate.mix_experts(gate_input, experts.last_layer_input(expert_input), experts.layers[-1])
+    return gate.mix(gate_input, experts(expert_input))
+
+
 def _or(value, default):
     return default if value is None else value
 
@@ -116,6 +142,11 @@ class MMoE(nn.Module):
         tower_activation, tower_dropout, tower_batch_norm: the towers' hidden layers' options (default:
             the experts').
         tower_bias: whether the towers' output Linear has a bias.
+        fused_experts: in inference (``eval()`` under ``torch.no_grad()`` or ``torch.inference_mode()``,
+            on the kernels' device), run the experts' last layer and the gate as one kernel,
+            :func:`fused_gate.experts_mix`, which never writes the experts' outputs; it applies when that
+            layer has no BatchNorm, the input has the weights' dtype (no autocast) and
+            ``next_power_of_2(T) * next_power_of_2(E) <= 512``. ``False`` keeps the two steps.
     """
 
     def __init__(
@@ -138,10 +169,12 @@ class MMoE(nn.Module):
         tower_dropout: float | None = None,
         tower_batch_norm: bool | None = None,
         tower_bias: bool = True,
+        fused_experts: bool = True,
     ) -> None:
         super().__init__()
         top_k = validate_top_k(top_k, num_experts)
         self.num_experts, self.num_tasks = num_experts, num_tasks
+        self.fused_experts = fused_experts
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         expert_hidden = validate_widths("expert_hidden", expert_hidden)
         self.experts = Experts(in_features, num_experts, expert_hidden, **options)
@@ -174,7 +207,7 @@ class MMoE(nn.Module):
 
         Returns ``[B, T, D]``, or ``[B, T]`` with towers.
         """
-        y = self.gate.mix(x, self.experts(x))
+        y = _gate_mix(self.gate, self.experts, x, x, self.fused_experts)
         return self.towers(y) if self.towers is not None else y
 
 
@@ -205,8 +238,10 @@ class CGCLevel(nn.Module):
         gate_hidden: Sequence[int] = (),
         gate_bias: bool = True,
         gate_batch_norm: bool = False,
+        fused_experts: bool = True,
     ) -> None:
         super().__init__()
+        self.fused_experts = fused_experts
         num_experts = num_shared_experts + num_tasks * num_task_experts
         top_k = validate_top_k(top_k, num_experts)
         # Which input each expert reads: the shared input (index T) or its task's input.
@@ -236,8 +271,8 @@ class CGCLevel(nn.Module):
         )
 
     def forward(self, inputs: Tensor) -> Tensor:
-        h = self.experts(inputs[:, self.group])
-        return self.gate.mix(inputs[:, : self.num_gates], h)
+        gate_inputs, expert_inputs = inputs[:, : self.num_gates], inputs[:, self.group]
+        return _gate_mix(self.gate, self.experts, gate_inputs, expert_inputs, self.fused_experts)
 
 
 class PLE(nn.Module):
@@ -267,6 +302,7 @@ class PLE(nn.Module):
         activation, dropout, batch_norm: as in :class:`MMoE`, for every level.
         gate_hidden, gate_bias, gate_batch_norm: as in :class:`MMoE`, for every level.
         tower_activation, tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`.
+        fused_experts: as in :class:`MMoE`, for every level.
     """
 
     def __init__(
@@ -291,6 +327,7 @@ class PLE(nn.Module):
         tower_dropout: float | None = None,
         tower_batch_norm: bool | None = None,
         tower_bias: bool = True,
+        fused_experts: bool = True,
     ) -> None:
         super().__init__()
         if num_levels < 1:
@@ -310,6 +347,7 @@ class PLE(nn.Module):
                 shared_gate=level < num_levels - 1,
                 gate=gate,
                 top_k=top_k,
+                fused_experts=fused_experts,
                 **options,
                 **gate_options,
             )

@@ -346,6 +346,18 @@ def test_compile_fullgraph_dynamic_batch(layer, device):
     assert counter.frame_count == 1, f"recompiled for new batch sizes: {counter.frame_count} frames"
 
 
+def test_compile_with_symbolic_floats(device):
+    """``dynamic=True`` traces Python floats symbolically too: the softmax gate's temperature is then
+    validated with comparisons that torch.compile can trace (``math.isfinite`` cannot)."""
+    torch.manual_seed(0)
+    model = fg.MMoE(10, 4, 8, 3, gate="softmax", tower_hidden=4).to(device)
+    model.gate.temperature = 0.7
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = torch.randn(6, 10, device=device)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
