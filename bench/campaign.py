@@ -2,7 +2,9 @@
 
     bash scripts/dev.sh gpu [OUTDIR] [--dry-run]        (python -m bench.campaign)
 
-Steps, each a child process with its own time limit (about 25 minutes in all on one H100):
+Steps, each a child process with its own time limit (25 minutes in all at most); ``--steps 1`` or
+``--steps 2-6`` runs some of them, so that a machine lent for at most 10 minutes per command runs the
+campaign in three calls (``--steps 1``, ``--steps 2``, ``--steps 3-6``), each packing its own files:
 
 1. the whole test suite on CUDA (compiled kernels, CUDA-graph and > 2**31-element tests included);
 2. the bench ``small`` grid for every implementation in bf16 (``python -m bench.run``, which writes the
@@ -69,13 +71,28 @@ def steps(results: Path, dry_run: bool) -> list[Step]:
         experts[experts.index("bf16")] = "fp32"
         experts += ["--impls", "one-kernel,two-step,eager"]
     return [
-        Step("test suite", tests, 420),
-        Step("bench small grid, every implementation, bf16", bench, 600),
-        Step("tuning sweep attention_mix", tune[0], 150),
-        Step("tuning sweep softmax_mix", tune[1], 150),
-        Step("memory traffic", traffic, 240, interpret=True),
-        Step("bench experts_mix, MMoE inference, bf16", experts, 420),
+        Step("test suite", tests, 480),
+        Step("bench small grid, every implementation, bf16", bench, 540),
+        Step("tuning sweep attention_mix", tune[0], 90),
+        Step("tuning sweep softmax_mix", tune[1], 90),
+        Step("memory traffic", traffic, 90, interpret=True),
+        Step("bench experts_mix, MMoE inference, bf16", experts, 180),
     ]
+
+
+def step_numbers(text: str, count: int) -> list[int]:
+    """``"2-6"``, ``"1,3"`` or ``"4"`` as 1-based step numbers within ``1..count``, in order."""
+    numbers = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--steps takes numbers and ranges such as 1,3-6, got {text!r}") from None
+        if not 1 <= low <= high <= count:
+            raise argparse.ArgumentTypeError(f"--steps must lie within 1..{count}, got {text!r}")
+        numbers.update(range(low, high + 1))
+    return sorted(numbers)
 
 
 def run_step(step: Step, log: Path) -> tuple[str, float]:
@@ -133,14 +150,20 @@ def main(argv: list[str] | None = None) -> bool:
     parser.add_argument("outdir", nargs="?", type=Path, default=ROOT / "gpu-campaign", help="where the files go")
     parser.add_argument("--dry-run", action="store_true", help="the same steps, reduced, on the CPU (interpreter)")
     parser.add_argument("--results", type=Path, help="results folder (default: bench/results/<date>_<device>/)")
+    parser.add_argument("--steps", default="1-6", help="which steps to run, e.g. 1 or 2-6 (default: all six)")
     args = parser.parse_args(argv)
+    try:
+        chosen = step_numbers(args.steps, 6)
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     if not args.dry_run and not ON_CUDA:
         parser.error("no GPU visible: use --dry-run to rehearse the campaign on the CPU")
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     results = (args.results or report.results_dir(device_label(), now)).resolve()
     results.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    for step in steps(results, args.dry_run):
+    all_steps = steps(results, args.dry_run)
+    for step in (all_steps[n - 1] for n in chosen):
         print(f"campaign: {step.name} ...", flush=True)
         outcome, seconds = run_step(step, results / "campaign.log")
         outcomes.append((step, outcome, seconds))

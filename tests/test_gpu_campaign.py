@@ -6,6 +6,7 @@ few): the results tarball, the report, the plots and the summary. Nothing here l
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import tarfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.campaign import MAX_FILES
+from bench.campaign import MAX_FILES, step_numbers, steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,3 +44,19 @@ def test_dry_run_runs_every_step_and_writes_a_few_files(tmp_path):
     produced_files = ("tests.xml", "README.md", "tune_attention_mix_fp32.md", "traffic_bf16.md", "experts_mix_fp32.md")
     for produced in (*produced_files, "campaign.log"):
         assert f"results/{produced}" in names, names
+
+
+def test_steps_option_selects_steps():
+    assert step_numbers("1", 6) == [1]
+    assert step_numbers("2-6", 6) == [2, 3, 4, 5, 6]
+    assert step_numbers("4,1-2", 6) == [1, 2, 4]
+    for bad in ("0", "7", "3-2", "a", "1-x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--steps"):
+            step_numbers(bad, 6)
+
+
+def test_step_limits_fit_25_minutes_and_each_split_call_10():
+    limits = [step.limit_s for step in steps(Path("results"), dry_run=False)]
+    assert sum(limits) <= 25 * 60
+    for split in ("1", "2", "3-6"):
+        assert sum(limits[n - 1] for n in step_numbers(split, 6)) <= 10 * 60, split
