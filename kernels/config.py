@@ -27,6 +27,7 @@ FORWARD_TILE = 8192
 BACKWARD_TILE = 4096
 ELEMENTS_PER_THREAD = 16
 MAX_WARPS = 16
+REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90)
 GATE_ELEMENTS_PER_THREAD = 4
 # The dC reduction: each program sums REDUCE_BLOCK columns of every workspace slot, REDUCE_SLOTS
 # slots per load (a [16, 256] float32 tile: 32 values per thread at 4 warps).
@@ -101,10 +102,13 @@ MIX_GATE_TILE = 4096
 MIX_MAX_GATE = 512  # BLOCK_T * BLOCK_E: at 16 rows, an 8192-element gate tile over 16 warps
 MIX_ACCUMULATOR = 8192  # the Y accumulator [ROWS, BLOCK_T, BLOCK_D], float32
 MIX_MAX_BLOCK_D = 128
+MIX_MAX_ONE_PASS_D = 256  # the widest D the attention gate's one-pass kernel holds
 MIX_DOT_BYTES = 64
 # A matmul kernel: one 8-warp program per SM may use the whole register file (tensor-core tiles hide
-# latency within a program); 16-warp programs get 128 registers per thread either way.
+# latency within a program).
 MIX_REGISTER_LIMIT = 255
+# 8 warps: a 16-warp program fits the register file only at 128 per thread, where the widest tiles spill.
+MIX_MAX_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -122,14 +126,16 @@ class ExpertsMixConfig:
 
 @functools.lru_cache(maxsize=1024)
 def experts_mix_config(
-    num_experts: int, in_features: int, dim: int, num_tasks: int, element_size: int = 2
+    num_experts: int, in_features: int, dim: int, num_tasks: int, element_size: int = 2, *, one_pass: bool = False
 ) -> ExpertsMixConfig:
     """Pick the tile for ``E`` experts of ``K = in_features`` inputs and width ``D``, ``T`` tasks.
 
     Every program reads all of ``W`` (an L2 hit after the first), so it takes as many rows as the gate
     tile allows (up to 64, at least the 16 of ``tl.dot``); the D chunk then fills the accumulator
     budget; the K chunk holds ``MIX_DOT_BYTES`` per row of the matmul's operands (32 values of 16
-    bits, 16 of float32). Both gates share the tile.
+    bits, 16 of float32). Both gates share the tile. ``one_pass`` (the attention gate without top-k)
+    asks for a D chunk spanning all of D, with fewer rows if need be, when ``D <= 256`` and 16 rows fit
+    the accumulator: the kernel then scores and mixes each expert in one pass (an online softmax).
     """
     block_t = triton.next_power_of_2(num_tasks)
     block_e = triton.next_power_of_2(num_experts)
@@ -137,6 +143,15 @@ def experts_mix_config(
     while rows > MIX_MIN_DOT and rows * block_t * block_e > MIX_GATE_TILE:
         rows //= 2
     block_d = max(MIX_MIN_DOT, min(triton.next_power_of_2(dim), MIX_MAX_BLOCK_D, MIX_ACCUMULATOR // (rows * block_t)))
+    # The D chunk cannot go below the 16 of tl.dot: then fewer rows keep the accumulator in budget.
+    while rows > MIX_MIN_DOT and rows * block_t * block_d > MIX_ACCUMULATOR:
+        rows //= 2
+    whole_d = max(MIX_MIN_DOT, triton.next_power_of_2(dim))
+    if one_pass and whole_d <= MIX_MAX_ONE_PASS_D and MIX_MIN_DOT * block_t * whole_d <= MIX_ACCUMULATOR:
+        # The attention gate's one pass holds Y[rows, :, all of D]: fewer rows buy the whole of D.
+        while rows * block_t * whole_d > MIX_ACCUMULATOR:
+            rows //= 2
+        block_d = whole_d
     block_k = max(MIX_MIN_DOT, min(triton.next_power_of_2(in_features), MIX_DOT_BYTES // element_size))
     gate = rows * block_t * block_e
     accumulator = rows * block_t * block_d
@@ -147,8 +162,14 @@ def experts_mix_config(
         block_k=block_k,
         block_d=block_d,
         rows=rows,
-        num_warps=min(MAX_WARPS, triton.next_power_of_2(warps)),
+        num_warps=min(MIX_MAX_WARPS, triton.next_power_of_2(warps)),
     )
+
+
+def registers_for_warps(limit: int, num_warps: int) -> int:
+    """``limit``, lowered so that one program of ``num_warps`` warps fits an SM's 65536 registers (a
+    16-warp program gets at most 128 per thread); a program that does not fit cannot launch."""
+    return min(limit, REGISTER_FILE // (32 * num_warps))
 
 
 def register_limit(*, backward: bool, attention: bool) -> int:

@@ -13,23 +13,29 @@ One launch; each program owns ``ROWS >= 16`` rows (the M of ``tl.dot``). ``H[row
 a ``[ROWS, BLOCK_K] x [BLOCK_K, BLOCK_D]`` ``tl.dot`` loop over K with float32 accumulation, then the
 bias and the activation, all in registers.
 
-Two passes per program, chosen over an online softmax across experts:
+The attention gate without top-k, when the tile spans D (``D <= 256`` and 16 rows of the
+``[ROWS, T, D]`` accumulator fit), runs **one pass** (``ONE_PASS``): for each expert, ``H[rows, e]``
+is computed once, scored against every task, and folded into ``Y`` by an online softmax over experts
+(running max ``m``, running denominator, accumulator rescaled by ``exp(m_old - m_new)``, as flash
+attention does over keys); ``p`` for ``return_weights`` and the NaN rows (an allowed ``+inf`` or NaN
+score) come from all ``E`` scores at the end, by ``gate_tile.gate_weights``. The expert matmul runs
+once.
+
+Otherwise (top-k, which needs every score before any weight, or a wider D) two passes:
 
 1. scores (attention gate only): per D chunk, for each expert, ``H[rows, e, chunk]`` dotted with
    each task's context chunk (one task at a time, in the matmul's register layout); then ``p`` from
    all ``E`` scores at once by ``gate_tile.gate_weights``, the very function of the two-step kernels,
-   so mask, top-k, ties and special values are identical by construction (top-k needs every score
-   before any weight is known anyway).
+   so mask, top-k, ties and special values are identical by construction.
 2. mix: per D chunk, for each expert, ``H[rows, e, chunk]`` again, accumulated into
    ``Y[rows, :, chunk]`` with its weights ``p[rows, :, e]``; experts no row of the program uses
    (weight 0 for every row and task: masked out, or outside the top-k) are skipped.
 
 The softmax gate runs pass 2 only (its weights come from the logits): the expert matmul once. The
-attention gate computes it twice, trading FLOPs for registers: an online softmax would hold the
-accumulator ``Y[rows, :, :]`` over all of ``T * D`` in registers at once, which only fits small
-``T * D``, and could not apply top-k. Either way nothing of size ``B * E * D`` is written: the
-distinct bytes are ``X + W + bias + C | Z + Y``. Every program reads all of ``W`` once per pass and
-its ``X`` rows once per (pass, expert, D chunk): L2 and L1 hits, which more rows per program reduce.
+two-pass attention gate computes it twice, trading FLOPs for registers. Either way nothing of size
+``B * E * D`` is written: the distinct bytes are ``X + W + bias + C | Z + Y``. Every program reads all
+of ``W`` once per pass and its ``X`` rows once per (pass, expert, D chunk): L2 and L1 hits, which more
+rows per program reduce.
 
 Every address is computed in 64 bits (rows, experts and loop offsets widened before they meet a
 stride); any strides are accepted.
@@ -50,8 +56,10 @@ from fused_gate.kernels.config import (
     experts_mix_config,
     mask_operand,
     operand,
+    registers_for_warps,
 )
 from fused_gate.kernels.gate_tile import (
+    allowed_experts,
     finite_or_zero,
     gate_weights,
     load_gate_tile,
@@ -150,6 +158,27 @@ def _expert_column(p, e, offs_e):
 
 
 @triton.jit
+def _online_mix(
+    s, allowed, e, h, m, denom, acc, offs_e, scale,
+):  # fmt: skip
+    """One expert's step of the online softmax over experts (flash attention's, over keys).
+
+    ``s`` holds expert ``e``'s unscaled scores in column ``e``; ``h`` is its ``[ROWS, BLOCK_D]`` output.
+    ``m`` (running max), ``denom`` (running denominator, ``[ROWS, BLOCK_T]``) and ``acc`` (``[ROWS, BLOCK_T,
+    BLOCK_D]``) are rescaled to the new max; only finite allowed scores enter (a row with a ``+inf`` or
+    NaN score is made NaN afterwards from ``p``, exactly as the two-pass path does).
+    """
+    s_e = _expert_column(s, e, offs_e) * scale
+    ok = (_expert_column(allowed.to(tl.float32), e, offs_e) > 0.0) & (tl.abs(s_e) < float("inf"))
+    m_new = tl.maximum(m, tl.where(ok, s_e, float("-inf")))
+    alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+    w = tl.where(ok, tl.exp(s_e - m_new), 0.0)
+    denom = denom * alpha + w
+    acc = acc * alpha[:, :, None] + w[:, :, None] * finite_or_zero(h)[:, None, :]
+    return m_new, denom, acc
+
+
+@triton.jit
 def experts_mix_kernel(
     x_ptr, stride_xb, stride_xe, stride_xk,
     w_ptr, stride_we, stride_wk, stride_wd,
@@ -169,6 +198,7 @@ def experts_mix_kernel(
     MASK_PER_ROW: tl.constexpr,
     HAS_TOP_K: tl.constexpr,
     RETURN_WEIGHTS: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     NUM_TASKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -184,6 +214,39 @@ def experts_mix_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
+
+    # 0. one pass (attention gate, no top-k, the tile spans D): score and mix each expert at once
+    if ONE_PASS:
+        allowed = allowed_experts(
+            mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me, HAS_MASK, MASK_PER_ROW
+        )  # fmt: skip
+        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        m = tl.full([ROWS, BLOCK_T], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for e in range(0, E):
+            expert = tl.cast(e, tl.int64)
+            h = _expert_chunk(
+                x_ptr + expert * stride_xe, stride_xb, stride_xk, w_ptr + expert * stride_we, stride_wk, stride_wd,
+                b_ptr + expert * stride_be, stride_bd,
+                rows, B, K, D, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
+            )  # fmt: skip
+            s = _add_context_scores(
+                s, h, e, cz_ptr, rows, offs_t, offs_e, offs_d, B, D, stride_czb, stride_czt, stride_czx,
+                PER_ROW_CONTEXT, NUM_TASKS,
+            )  # fmt: skip
+            m, denom, acc = _online_mix(s, allowed, e, h, m, denom, acc, offs_e, scale)
+        p, _ = gate_weights(
+            s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
+            0, HAS_MASK, MASK_PER_ROW, False, BLOCK_E,
+        )  # fmt: skip
+        if RETURN_WEIGHTS:
+            store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
+        y = tl.where(denom[:, :, None] > 0.0, acc / denom[:, :, None], 0.0)
+        nan_row = tl.max(tl.where(p != p, 1, 0), axis=2) > 0  # an allowed +inf or NaN score
+        y = tl.where(nan_row[:, :, None], float("nan"), y)
+        store_gate_tile(y_ptr, y, rows, offs_t, offs_d, B, NUM_TASKS, D, stride_yb, stride_yt)
+        return
 
     # 1. scores: <C[t], H[b,e]> over D chunks (attention), or the given logits.
     if ATTENTION:
@@ -260,7 +323,8 @@ def plan_experts_mix(
     p = torch.empty((batch, tasks, experts), device=x.device, dtype=x.dtype) if return_weights else None
     if batch == 0:
         return y, p, []
-    cfg = config or experts_mix_config(experts, in_features, dim, tasks, x.element_size())
+    one_pass = attention and top_k is None
+    cfg = config or experts_mix_config(experts, in_features, dim, tasks, x.element_size(), one_pass=one_pass)
     m = mask_operand(mask)
     # Triton's interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns: it gets them
     # in float32, where the products are exact, as on a tensor core. Compiled kernels keep bfloat16.
@@ -295,6 +359,7 @@ def plan_experts_mix(
         MASK_PER_ROW=m is not None and m.dim() == 3,
         HAS_TOP_K=top_k is not None,
         RETURN_WEIGHTS=return_weights,
+        ONE_PASS=one_pass and cfg.block_d >= dim,
         NUM_TASKS=tasks,
         BLOCK_T=cfg.block_t,
         BLOCK_E=cfg.block_e,
@@ -303,7 +368,7 @@ def plan_experts_mix(
         ROWS=cfg.rows,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        maxnreg=MIX_REGISTER_LIMIT,
+        maxnreg=registers_for_warps(MIX_REGISTER_LIMIT, cfg.num_warps),
     )
     return y, p, [KernelLaunch(experts_mix_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
 

@@ -32,6 +32,7 @@ from fused_gate.kernels.config import (
     max_persistent_programs,
     operand,
     register_limit,
+    registers_for_warps,
     tile_config,
 )
 from fused_gate.kernels.gate_tile import (
@@ -324,7 +325,7 @@ def plan_backward(
         SINGLE_CHUNK=cfg.single_chunk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        maxnreg=register_limit(backward=True, attention=attention),
+        maxnreg=registers_for_warps(register_limit(backward=True, attention=attention), cfg.num_warps),
     )
     launches = [KernelLaunch(gate_mix_bwd_kernel, (programs,), args, meta)]
     if shared_context:

@@ -21,7 +21,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_gate.kernels.config import KernelLaunch, TileConfig, mask_operand, operand, register_limit, tile_config
+from fused_gate.kernels.config import (
+    KernelLaunch,
+    TileConfig,
+    mask_operand,
+    operand,
+    register_limit,
+    registers_for_warps,
+    tile_config,
+)
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
     finite_or_zero,
@@ -206,7 +214,7 @@ def plan_forward(
         SINGLE_CHUNK=cfg.single_chunk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        maxnreg=register_limit(backward=False, attention=attention),
+        maxnreg=registers_for_warps(register_limit(backward=False, attention=attention), cfg.num_warps),
     )
     return y, p, [KernelLaunch(gate_mix_fwd_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
 

@@ -42,6 +42,12 @@ def test_compiles_without_spills(report, capability, experts, dim, tasks, attent
     assert {"gate_mix_fwd_kernel", "gate_mix_bwd_kernel"} <= names
     for r in records:
         assert r["STACK"] == 0 and r["LOCAL"] == 0, f"{r['kernel']} spills on sm_{capability}: {r}"
+        assert_launchable(r)
+
+
+def assert_launchable(record: dict) -> None:
+    """One program's registers must fit an SM's 65536, or the launch fails ("out of resources")."""
+    assert record["REG"] * 32 * record["num_warps"] <= 65536, f"{record['kernel']} cannot launch: {record}"
 
 
 @pytest.mark.parametrize("case", experts_mix_cases(), ids=lambda c: "-".join(map(str, c[1:-1])) + "-" + "+".join(c[-1]))
@@ -49,6 +55,7 @@ def test_experts_mix_compiles_without_spills(report, case):
     (record,) = report[(*case[:-1], case[-1])]
     assert record["kernel"] == "experts_mix_kernel"
     assert record["STACK"] == 0 and record["LOCAL"] == 0, f"experts_mix spills on sm_{case[1]}: {record}"
+    assert_launchable(record)
 
 
 def test_addresses_are_64_bit(report):

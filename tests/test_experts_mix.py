@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -314,3 +316,48 @@ def test_far_experts_are_read_at_their_address(gate, device):
     far_weight = far_view(weight, (2**28, dim, 1), 64, device)
     inputs = gate_inputs(gate, batch, experts, dim, tasks, dtype=torch.bfloat16, device=device)
     compare(far_x, far_weight, bias.to(device), torch.bfloat16, **inputs)
+
+
+def test_attention_without_top_k_runs_one_pass():
+    """The tile spans D (<= 256) for the attention gate without top-k: one pass, an online softmax."""
+    x, weight, bias = make_layer(40, 8, 32, 200)
+    context = torch.randn(2, 200)
+    plans = {
+        top_k: kernel.plan_experts_mix(x, weight, bias, context, None, 0.1, top_k, attention=True,
+                                       activation="relu", return_weights=False)[2][0].meta
+        for top_k in (None, 3)
+    }  # fmt: skip
+    assert plans[None]["ONE_PASS"] and plans[None]["BLOCK_D"] >= 200
+    assert not plans[3]["ONE_PASS"]
+    assert experts_mix_config(8, 32, 512, 2, one_pass=True).block_d < 512  # wider D: two passes
+
+
+@pytest.mark.parametrize("case", ["plain", "mask", "special"])
+def test_one_pass_equals_two_passes(case, device):
+    """The online softmax and the two-pass kernel (forced by a D chunk narrower than D) agree, masks and
+    special values (an all -inf row, a +inf score, a NaN expert behind the mask) included."""
+    batch, experts, in_features, dim, tasks = 37, 5, 24, 48, 3
+    x, weight, bias = make_layer(batch, experts, in_features, dim, device=device)
+    context = torch.randn(tasks, dim, device=device)
+    mask = None
+    if case != "plain":
+        mask = _mask("per_row", batch, tasks, experts, device)
+    if case == "special":
+        x[3] = NAN  # every expert of row 3 scores NaN: NaN rows where any expert is allowed
+        context[1, 0] = INF  # task 1 scores +-inf or NaN on every row
+        mask[5] = False  # row 5: no allowed expert, p = 0 and Y = 0
+    one = experts_mix_config(experts, in_features, dim, tasks, 4, one_pass=True)
+    two = dataclasses.replace(one, block_d=16)
+    outs = []
+    for cfg in (one, two):
+        y, p, launches = kernel.plan_experts_mix(
+            x, weight, bias, context, mask, dim**-0.5, None, attention=True, activation="tanh",
+            return_weights=True, config=cfg,
+        )  # fmt: skip
+        assert launches[0].meta["ONE_PASS"] == (cfg is one)
+        launches[0].launch()
+        outs.append((y, p))
+    torch.testing.assert_close(outs[0][0], outs[1][0], equal_nan=True)
+    torch.testing.assert_close(outs[0][1], outs[1][1], equal_nan=True)
+    if case == "special":
+        assert outs[0][0][3].isnan().any() and (outs[0][0][5] == 0).all()
