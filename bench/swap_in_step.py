@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -65,13 +66,13 @@ def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int, war
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def _sizes(name: str, experts: int, hidden: int, tasks: int) -> dict:
+def _sizes(name: str, experts: int, hidden: tuple[int, ...], tasks: int) -> dict:
     if name.endswith("mmoe"):
-        return dict(num_experts=experts, hidden=(hidden,), num_tasks=tasks)
+        return dict(num_experts=experts, hidden=hidden, num_tasks=tasks)
     shared = 2
     if (experts - shared) % tasks:
         raise SystemExit(f"PLE needs experts - {shared} shared to split evenly over {tasks} tasks, got {experts}")
-    return dict(per_task=(experts - shared) // tasks, shared=shared, hidden=(hidden,), num_tasks=tasks)
+    return dict(per_task=(experts - shared) // tasks, shared=shared, hidden=hidden, num_tasks=tasks)
 
 
 def cpu_name() -> str:
@@ -90,11 +91,24 @@ def dispatch_label(device: torch.device) -> str:
     return "reference fallback on the CPU (plain PyTorch)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.swap_in_step", description=__doc__.split("\n\n")[0])
+def step_table(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    twin: str,
+    make_twin: Callable[[str, torch.nn.Module], torch.nn.Module],
+    default_hidden: str,
+) -> None:
+    """Parse the command line, then print one row per model: the original's and its twin's time per step.
+
+    ``make_twin(name, model)`` builds the compared model (``twin`` names it in the table) from a library
+    model in train mode; ``--hidden`` takes the experts' widths, comma-separated.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", default=default_hidden, help="the experts' widths, comma-separated")
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=20)
@@ -106,24 +120,41 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    hidden = tuple(int(width) for width in args.hidden.split(","))
 
-    print(f"# One training step, original vs fused_gate.swap_in ({dispatch_label(device)})")
+    print(f"# One training step, original vs {twin} ({dispatch_label(device)})")
     print(
-        f"B = {args.batch}, {args.experts} experts per level, expert hidden {args.hidden}, {args.tasks} tasks; "
+        f"B = {args.batch}, {args.experts} experts per level, expert widths {hidden}, {args.tasks} tasks; "
         f"median of {args.rounds} rounds of {args.steps} steps; torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, {cpu_name()}\n"
     )
-    print("| model | original ms/step | swapped ms/step | original / swapped |")
+    print(f"| model | original ms/step | {twin} ms/step | original / {twin} |")
     print("| --- | ---: | ---: | ---: |")
     for name in args.models.split(","):
-        model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, args.hidden, args.tasks))
+        model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, hidden, args.tasks))
         model.to(device).train()
-        swapped = copy.deepcopy(model)
-        fused_gate.swap_in(swapped)
-        original_s, swapped_s = time_pair(
-            model, swapped, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
+        other = make_twin(name, model)
+        original_s, other_s = time_pair(
+            model, other, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
         )
-        print(f"| {name} | {original_s * 1e3:.2f} | {swapped_s * 1e3:.2f} | {original_s / swapped_s:.2f} |")
+        print(f"| {name} | {original_s * 1e3:.2f} | {other_s * 1e3:.2f} | {original_s / other_s:.2f} |")
+
+
+def _swapped(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    swapped = copy.deepcopy(model)
+    fused_gate.swap_in(swapped)
+    return swapped
+
+
+def main(argv: list[str] | None = None) -> None:
+    step_table(
+        argv,
+        prog="python -m bench.swap_in_step",
+        description=__doc__.split("\n\n")[0],
+        twin="swapped",
+        make_twin=_swapped,
+        default_hidden="64",
+    )
 
 
 if __name__ == "__main__":
