@@ -3,8 +3,8 @@
     bash scripts/dev.sh gpu [OUTDIR] [--dry-run]        (python -m bench.campaign)
 
 Steps, each a child process with its own time limit (25 minutes in all at most); ``--steps 1`` or
-``--steps 2-6`` runs some of them, so that a machine lent for at most 10 minutes per command runs the
-campaign in three calls (``--steps 1``, ``--steps 2``, ``--steps 3-6``), each packing its own files:
+``--steps 2-6`` runs some of them, so that the campaign can run as three calls of at most 10 minutes
+each (``--steps 1``, ``--steps 2``, ``--steps 3-6``), each packing its own files:
 
 1. the whole test suite on CUDA (compiled kernels, CUDA-graph and > 2**31-element tests included);
 2. the bench ``small`` grid for every implementation in bf16 (``python -m bench.run``, which writes the
@@ -150,19 +150,19 @@ def main(argv: list[str] | None = None) -> bool:
     parser.add_argument("outdir", nargs="?", type=Path, default=ROOT / "gpu-campaign", help="where the files go")
     parser.add_argument("--dry-run", action="store_true", help="the same steps, reduced, on the CPU (interpreter)")
     parser.add_argument("--results", type=Path, help="results folder (default: bench/results/<date>_<device>/)")
-    parser.add_argument("--steps", default="1-6", help="which steps to run, e.g. 1 or 2-6 (default: all six)")
+    parser.add_argument("--steps", help="which steps to run, e.g. 1 or 2-6 (default: all)")
     args = parser.parse_args(argv)
-    try:
-        chosen = step_numbers(args.steps, 6)
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
     if not args.dry_run and not ON_CUDA:
         parser.error("no GPU visible: use --dry-run to rehearse the campaign on the CPU")
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     results = (args.results or report.results_dir(device_label(), now)).resolve()
+    all_steps = steps(results, args.dry_run)
+    try:
+        chosen = step_numbers(args.steps or f"1-{len(all_steps)}", len(all_steps))
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     results.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    all_steps = steps(results, args.dry_run)
     for step in (all_steps[n - 1] for n in chosen):
         print(f"campaign: {step.name} ...", flush=True)
         outcome, seconds = run_step(step, results / "campaign.log")
