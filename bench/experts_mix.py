@@ -39,8 +39,8 @@ import fused_gate as fg
 from bench.cases import DTYPES, EAGER
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for
+from fused_gate.layers import GATES
 
-GATES = ("attention", "softmax")
 IMPLS = ("one-kernel", "two-step", "eager", "compile")
 
 

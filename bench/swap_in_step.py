@@ -96,13 +96,13 @@ def step_table(
     *,
     prog: str,
     description: str,
-    twin: str,
-    make_twin: Callable[[str, torch.nn.Module], torch.nn.Module],
+    compared: str,
+    make_compared: Callable[[str, torch.nn.Module], torch.nn.Module],
     default_hidden: str,
 ) -> None:
-    """Parse the command line, then print one row per model: the original's and its twin's time per step.
+    """Parse the command line, then print one row per model: the original's and the compared model's time per step.
 
-    ``make_twin(name, model)`` builds the compared model (``twin`` names it in the table) from a library
+    ``make_compared(name, model)`` builds the compared model (``compared`` names it in the table) from a library
     model in train mode; ``--hidden`` takes the experts' widths, comma-separated.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -122,18 +122,18 @@ def step_table(
     device = torch.device(args.device)
     hidden = tuple(int(width) for width in args.hidden.split(","))
 
-    print(f"# One training step, original vs {twin} ({dispatch_label(device)})")
+    print(f"# One training step, original vs {compared} ({dispatch_label(device)})")
     print(
         f"B = {args.batch}, {args.experts} experts per level, expert widths {hidden}, {args.tasks} tasks; "
         f"median of {args.rounds} rounds of {args.steps} steps; torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, {cpu_name()}\n"
     )
-    print(f"| model | original ms/step | {twin} ms/step | original / {twin} |")
+    print(f"| model | original ms/step | {compared} ms/step | original / {compared} |")
     print("| --- | ---: | ---: | ---: |")
     for name in args.models.split(","):
         model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, hidden, args.tasks))
         model.to(device).train()
-        other = make_twin(name, model)
+        other = make_compared(name, model)
         original_s, other_s = time_pair(
             model, other, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
         )
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         prog="python -m bench.swap_in_step",
         description=__doc__.split("\n\n")[0],
-        twin="swapped",
-        make_twin=_swapped,
+        compared="swapped",
+        make_compared=_swapped,
         default_hidden="64",
     )
 

@@ -11,45 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# name -> elementwise function; the names a layer's ``activation`` may take.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "leaky_relu": F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
-    "identity": lambda y: y,
-}
-
-
-def validate_activation(activation: object) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
-
-
-def validate_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
-def validate_widths(name: str, widths: int | Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
-    """An int or a sequence of ints >= 1 as a tuple; ``allow_empty`` accepts ``()``."""
-    widths = (widths,) if isinstance(widths, int) and not isinstance(widths, bool) else widths
-    if (
-        not isinstance(widths, Sequence)
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
-        or (not widths and not allow_empty)
-    ):
-        expected = "an int >= 1 or a sequence of them" + (" (may be empty)" if allow_empty else "")
-        raise ValueError(f"{name} must be {expected}, got {widths!r}")
-    return tuple(widths)
+from fused_gate._validation import validate_activation, validate_dropout, validate_widths
+from fused_gate.activations import ACTIVATIONS
 
 
 class BatchedLinear(nn.Module):
@@ -81,7 +50,7 @@ class BatchedLinear(nn.Module):
 class BatchedDense(BatchedLinear):
     """One hidden layer of G MLPs: ``dropout(activation(batch_norm(x W_g + b_g)))``, shape ``[B, G, out]``.
 
-    ``activation`` is a name from :data:`ACTIVATIONS`, ``dropout`` the drop probability and
+    ``activation`` is a name of :data:`fused_gate.activations.ACTIVATIONS`, ``dropout`` the drop probability and
     ``batch_norm`` an ``nn.BatchNorm1d(G * out)`` (or None) over the flattened output.
     """
 
@@ -104,7 +73,7 @@ class BatchedDense(BatchedLinear):
         y = super().forward(x)
         if self.batch_norm is not None:
             y = self.batch_norm(y.flatten(1)).unflatten(1, y.shape[1:])
-        y = ACTIVATIONS[self.activation](y)
+        y = ACTIVATIONS[self.activation].function(y)
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
     def extra_repr(self) -> str:

@@ -3,9 +3,10 @@
 The two-step path writes the experts' outputs ``H [B, E, D]`` (one batched matmul) and the fused gate
 reads them back; this op computes ``H`` tile by tile in registers and mixes it at once, so ``H``
 never reaches memory. It has no backward: training keeps the two-step path. Registered with
-``torch.library`` (one node under ``torch.compile``); dispatch as for the other ops: CUDA tensors run
-the Triton kernel, CPU tensors run it through the interpreter when ``TRITON_INTERPRET=1`` was set
-before import, and :func:`fused_gate.reference.experts_mix` otherwise.
+``torch.library`` (one node under ``torch.compile``); it runs the Triton kernel or the reference as
+``fused_gate/dispatch.py`` decides for every op: the kernel on CUDA tensors, and on CPU tensors through
+the interpreter when ``TRITON_INTERPRET=1`` was set before import; the reference (the experts' layer,
+then the gate of :mod:`fused_gate.reference`) otherwise.
 """
 
 from __future__ import annotations
@@ -13,15 +14,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_gate import reference
-from fused_gate._checks import check_experts_mix
-from fused_gate.kernels.experts_mix import experts_mix_forward
-from fused_gate.ops import uses_kernels
+from fused_gate import dispatch, reference
+from fused_gate._validation import validate_experts_mix
+from fused_gate.activations import ACTIVATIONS
+from fused_gate.dispatch import fused_op, needs_reference
+from fused_gate.kernels.experts_mix import plan_experts_mix
 
 __all__ = ["experts_mix"]
 
 
-@torch.library.custom_op("fused_gate::experts_mix", mutates_args=())
+def _experts_mix_reference(x, weight, bias, cz, mask, scale, top_k, gate, activation, return_weights):
+    h = reference.experts_output(x, weight, bias, activation)
+    if gate == "attention":
+        y, p, _ = reference.attention_mix_forward(h, cz, scale, mask, top_k)
+    else:
+        y, p, _ = reference.softmax_mix_forward(cz, h, 1.0 / scale, mask, top_k)
+    return y.to(x.dtype), p.to(x.dtype) if return_weights else x.new_empty((0,))
+
+
+@fused_op("fused_gate::experts_mix", reference=_experts_mix_reference)
 def _experts_mix_op(
     x: Tensor,
     weight: Tensor,
@@ -30,19 +41,19 @@ def _experts_mix_op(
     mask: Tensor | None,
     scale: float,
     top_k: int | None,
-    attention: bool,
+    gate: str,
     activation: str,
     return_weights: bool,
 ) -> tuple[Tensor, Tensor]:
-    y, p = experts_mix_forward(
-        x, weight, bias, cz, mask, scale, top_k, attention=attention, activation=activation,
+    y, p = plan_experts_mix(
+        x, weight, bias, cz, mask, scale, top_k, gate=gate, activation=ACTIVATIONS[activation].kernel,
         return_weights=return_weights,
-    )  # fmt: skip
+    ).run()  # fmt: skip
     return y, p if return_weights else x.new_empty((0,))
 
 
 @_experts_mix_op.register_fake
-def _(x, weight, bias, cz, mask, scale, top_k, attention, activation, return_weights):
+def _(x, weight, bias, cz, mask, scale, top_k, gate, activation, return_weights):
     experts, _, dim = weight.shape
     tasks = cz.shape[-2]
     p = x.new_empty((x.shape[0], tasks, experts)) if return_weights else x.new_empty((0,))
@@ -105,16 +116,15 @@ def experts_mix(
             gate or activation is not as described; TypeError: a wrong dtype.
     """
     _refuse_gradients(x=x, weight=weight, bias=bias, context=context, logits=logits)
-    score_scale, top_k = check_experts_mix(
+    score_scale, top_k = validate_experts_mix(
         x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature,
-        kernel_path=uses_kernels(x),
+        kernel_path=dispatch.uses_kernels(x),
     )  # fmt: skip
-    if not uses_kernels(x):
+    if needs_reference(x, weight, bias, context, logits):
         return reference.experts_mix(
             x, weight, bias, gate=gate, context=context, logits=logits, activation=activation, mask=mask,
             top_k=top_k, scale=scale, temperature=temperature, return_weights=return_weights,
         )  # fmt: skip
-    attention = gate == "attention"
-    cz = context if attention else logits
-    y, p = _experts_mix_op(x, weight, bias, cz, mask, score_scale, top_k, attention, activation, return_weights)
+    cz = context if gate == "attention" else logits
+    y, p = _experts_mix_op(x, weight, bias, cz, mask, score_scale, top_k, gate, activation, return_weights)
     return (y, p) if return_weights else y

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_gate._checks import check_attention_mix, check_experts_mix, check_softmax_mix
+from fused_gate._validation import validate_attention_mix, validate_experts_mix, validate_softmax_mix
+from fused_gate.activations import ACTIVATIONS
 
 __all__ = [
     "allowed_experts",
@@ -253,7 +254,7 @@ def attention_mix(
         h, context, scale, mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`
             (float64 accepted too).
     """
-    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
+    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
     y, p, _ = _AttentionMix.apply(h, context, scale, mask, top_k)
     return (y, p) if return_weights else y
 
@@ -356,22 +357,12 @@ def softmax_mix(
         logits, h, temperature, mask, top_k, return_weights: as in :func:`fused_gate.softmax_mix`
             (float64 accepted too).
     """
-    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
+    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
     y, p, _ = _SoftmaxMix.apply(logits, h, temperature, mask, top_k)
     return (y, p) if return_weights else y
 
 
 # ---------------------------------------------------------------------------- experts_mix
-
-ACTIVATION_FUNCTIONS = {
-    "relu": torch.relu,
-    "leaky_relu": torch.nn.functional.leaky_relu,
-    "gelu": torch.nn.functional.gelu,
-    "silu": torch.nn.functional.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "identity": lambda h: h,
-}
 
 
 def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "relu") -> Tensor:
@@ -382,13 +373,13 @@ def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         x: ``[B, K]`` (every expert reads the same input) or ``[B, E, K]`` (one input per expert).
         weight: ``[E, K, D]``.
         bias: ``[E, D]`` or None.
-        activation: a name of ``ACTIVATION_FUNCTIONS``.
+        activation: a name of :data:`fused_gate.activations.ACTIVATIONS`.
     """
     dtype = _compute_dtype(x, weight, bias)
     h = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
     if bias is not None:
         h = h + bias.to(dtype)
-    return ACTIVATION_FUNCTIONS[activation](h)
+    return ACTIVATIONS[activation].function(h)
 
 
 def experts_mix(
@@ -416,7 +407,7 @@ def experts_mix(
     Returns:
         ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
     """
-    score_scale, top_k = check_experts_mix(
+    score_scale, top_k = validate_experts_mix(
         x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, kernel_path=False
     )
     with torch.no_grad():

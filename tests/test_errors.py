@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_gate as fg
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
+from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
 
 B, E, D, T = 4, 3, 8, 2
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_gate as fg
-import fused_gate.ops
+import fused_gate.dispatch
 from fused_gate.kernels.config import tile_config
 
 from .conftest import assert_matches
@@ -34,7 +34,7 @@ NAN, INF = float("nan"), float("inf")
 def path(request, monkeypatch, device) -> str:
     """Run the public ops through the kernels or through the plain-PyTorch fallback."""
     if request.param == "fallback":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 

@@ -26,8 +26,7 @@ import torch
 import fused_gate as fg
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import Progress, train
-
-GATES = ("softmax", "attention")
+from fused_gate.layers import GATES
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

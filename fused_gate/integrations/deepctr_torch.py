@@ -258,7 +258,7 @@ def to_fused(model: nn.Module) -> FusedMultiTask:
     Raises:
         TypeError: ``model`` is neither a DeepCTR-Torch ``MMOE`` nor ``PLE``.
         ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
-            Sigmoid, Tanh, LeakyReLU(0.01) or linear (PReLU and Dice have learned parameters), or a PLE
+            LeakyReLU(0.01), GELU, SiLU, Sigmoid, Tanh or linear (PReLU and Dice have learned parameters), or a PLE
             with fewer shared experts built than it uses.
     """
     if isinstance(model, MMOE):

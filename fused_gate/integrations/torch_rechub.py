@@ -257,8 +257,9 @@ def to_fused(model: nn.Module) -> FusedMultiTask:
     Raises:
         TypeError: ``model`` is neither a torch-rechub ``MMOE`` nor ``PLE``.
         ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
-            Sigmoid, Tanh, LeakyReLU(0.01) (PReLU and Dice have learned parameters), towers or experts of
-            different widths, activations or dropout, a gate with dropout after its softmax.
+            LeakyReLU(0.01), GELU, SiLU, Sigmoid, Tanh or identity (PReLU and Dice have learned parameters),
+            towers or experts of different widths, activations or dropout, a gate with dropout after its
+            softmax.
     """
     if isinstance(model, MMOE):
         layer = _convert_mmoe(model)

@@ -1,0 +1,41 @@
+"""The activations of the experts' layers, by name: one registry for the layers, the reference, the
+converters and the ``experts_mix`` kernel.
+
+Each name maps to an :class:`Activation`: the torch function the layers and the reference apply, the
+library module it converts from (``fused_gate/integrations``), and the name the kernel's ``_activate``
+branches on (``kernels/experts_mix.py``). Every one has a kernel implementation, so every activation a
+layer accepts also runs in the one-kernel inference path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Activation(NamedTuple):
+    """One activation: ``function`` (elementwise, torch), ``module`` (the ``nn`` class a converter
+    maps to this name) and ``kernel`` (its name in the kernel)."""
+
+    function: Callable[[Tensor], Tensor]
+    module: type[nn.Module]
+    kernel: str
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(torch.relu, nn.ReLU, "relu"),
+    "leaky_relu": Activation(F.leaky_relu, nn.LeakyReLU, "leaky_relu"),  # negative slope 0.01, as nn.LeakyReLU()
+    "gelu": Activation(F.gelu, nn.GELU, "gelu"),  # the exact (erf) form, as nn.GELU()
+    "silu": Activation(F.silu, nn.SiLU, "silu"),
+    "sigmoid": Activation(torch.sigmoid, nn.Sigmoid, "sigmoid"),
+    "tanh": Activation(torch.tanh, nn.Tanh, "tanh"),
+    "identity": Activation(_identity, nn.Identity, "identity"),
+}

@@ -1,0 +1,61 @@
+"""Where the fused ops run, decided here for every op: the Triton kernels or the plain-PyTorch reference.
+
+- CUDA tensors run the Triton kernels.
+- CPU tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+  before import, and the reference otherwise.
+- Under ``torch.func`` transforms or with forward-mode (dual) inputs every op runs the reference, whose
+  ``autograd.Function`` has closed-form backward, forward-mode and vmap rules: the ops define a
+  backward only.
+
+:func:`fused_op` registers an op with ``torch.library`` whose body runs its kernel implementation where
+:func:`uses_kernels` says so and its reference implementation elsewhere; the public functions first
+ask :func:`needs_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+from torch import Tensor
+
+from fused_gate.kernels import INTERPRETED
+
+
+def uses_kernels(x: object) -> bool:
+    """True when an op on ``x``'s device runs the Triton kernels (compiled or interpreted)."""
+    return isinstance(x, Tensor) and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED))
+
+
+def needs_reference(*tensors: Tensor | None) -> bool:
+    """True under ``torch.func`` transforms or with forward-mode (dual) inputs: the reference serves these
+    callers exactly, where the ops define a backward only."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    # Dual tensors exist only inside a dual level; outside one (every ordinary call) skip the unpacking.
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
+def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], torch.library.CustomOpDef]:
+    """Register the decorated kernel implementation as the ``torch.library`` custom op ``name``.
+
+    The op runs it where :func:`uses_kernels` holds for its first tensor argument, and ``reference``
+    (same arguments, same outputs) elsewhere. The schema comes from the kernel implementation's
+    annotations; ``register_fake`` and ``register_autograd`` go on the returned op.
+    """
+
+    def register(kernels: Callable) -> torch.library.CustomOpDef:
+        @functools.wraps(kernels)
+        def run(*args):
+            device_tensor = next(a for a in args if isinstance(a, Tensor))
+            return (kernels if uses_kernels(device_tensor) else reference)(*args)
+
+        return torch.library.custom_op(name, run, mutates_args=())
+
+    return register
