@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from fused_gate.kernels.launch import CONTEXT_GATES
+
 MAX_ROWS = 64
 MIN_BLOCK_D = 8
 FORWARD_TILE = 8192
@@ -192,11 +194,12 @@ def register_limit(*, backward: bool, gate: str) -> int:
 
     An explicit limit: without one, ptxas may spill a few registers to reach an occupancy of its own
     choosing. 128 keeps two 8-warp programs (16 warps) resident per SM, and every forward and softmax
-    backward tile fits it; the attention backward also keeps its ``dC`` partial and the ``C`` term of
-    ``dH`` live, so it gets the whole register file instead (its occupancy is listed by
-    ``python -m bench.occupancy``). ``tests/test_compile.py`` checks that nothing spills.
+    backward tile fits it; the backward of a gate that reads a context (the attention gate) also keeps
+    its ``dC`` partial and the ``C`` term of ``dH`` live, so it gets the whole register file instead
+    (its occupancy is listed by ``python -m bench.occupancy``). ``tests/test_compile.py`` checks that
+    nothing spills.
     """
-    return 255 if backward and gate == "attention" else 128
+    return 255 if backward and gate in CONTEXT_GATES else 128
 
 
 @functools.lru_cache(maxsize=16)

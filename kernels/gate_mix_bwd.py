@@ -47,6 +47,7 @@ from fused_gate.kernels.gate_tile import (
     task_row,
 )
 from fused_gate.kernels.launch import (
+    CONTEXT_GATES,
     KernelLaunch,
     Plan,
     gate_meta,
@@ -263,7 +264,7 @@ def plan_backward(
     dcz = new_output(cz, cz.shape, zeroed=batch == 0)
     if batch == 0:
         return Plan((dh, dcz))
-    shared_context = gate == "attention" and cz.dim() == 2
+    shared_context = gate in CONTEXT_GATES and cz.dim() == 2
     cfg = config or tile_config(experts, dim, tasks, backward=True)
     num_blocks = triton.cdiv(batch, cfg.rows)
     programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks

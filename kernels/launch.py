@@ -123,11 +123,15 @@ def gate_operands(cz: Tensor, mask: Tensor | None, placeholder: Tensor) -> tuple
     return (*operand(cz), *operand(as_uint8(mask), placeholder))
 
 
+# The gate kinds whose scores read a context ``C`` against ``H``; the others read given logits ``Z``.
+CONTEXT_GATES = ("attention",)
+
+
 def gate_meta(gate: str, cz: Tensor, mask: Tensor | None) -> dict:
     """The gate's constexprs: its kind, whether the context is per row, the mask kind and ``T``."""
     return dict(
         GATE=gate,
-        PER_ROW_CONTEXT=gate == "attention" and cz.dim() == 3,
+        PER_ROW_CONTEXT=gate in CONTEXT_GATES and cz.dim() == 3,
         MASK=mask_kind(mask),
         NUM_TASKS=cz.shape[-2],
     )
