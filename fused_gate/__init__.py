@@ -7,28 +7,19 @@ also computes the experts' last layer in the same kernel, so their outputs are n
 ``fused_gate.reference`` holds the plain-PyTorch reference of each op (the tests' oracle and the CPU
 fallback).
 
-The names that need the kernels are imported on first use, so ``import fused_gate.reference`` (plain
-PyTorch) does not import triton.
+Importing the package registers the ops with ``torch.library`` but imports neither triton nor the
+kernels: they load at the first op call (``fused_gate/dispatch.py``).
 """
 
-import importlib
-
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
+from fused_gate.dispatch import uses_kernels
+from fused_gate.fused_experts import experts_mix
+from fused_gate.gates import AttentionMix, SoftmaxGate
+from fused_gate.integrations import swap_in
+from fused_gate.layers import PLE, MMoE
+from fused_gate.ops import attention_mix, softmax_mix
 
 __version__ = "0.1.0"
-
-# public name -> the module that defines it, imported on first use
-_LAZY = {
-    "AttentionMix": "fused_gate.gates",
-    "MMoE": "fused_gate.layers",
-    "PLE": "fused_gate.layers",
-    "SoftmaxGate": "fused_gate.gates",
-    "attention_mix": "fused_gate.ops",
-    "experts_mix": "fused_gate.fused_experts",
-    "softmax_mix": "fused_gate.ops",
-    "swap_in": "fused_gate.integrations",
-    "uses_kernels": "fused_gate.dispatch",
-}
 
 __all__ = [
     "PLE",
@@ -42,21 +33,3 @@ __all__ = [
     "swap_in",
     "uses_kernels",
 ]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    else:
-        try:  # a submodule, as ``fused_gate.layers`` after a plain ``import fused_gate``
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as missing:
-            if missing.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})

@@ -2,10 +2,14 @@
 
 - CUDA tensors run the Triton kernels.
 - CPU tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-  before import, and the reference otherwise.
+  before the kernels load (at the first op call), and the reference otherwise.
 - Under ``torch.func`` transforms or with forward-mode (dual) inputs every op runs the reference, whose
   ``autograd.Function`` has closed-form backward, forward-mode and vmap rules: the ops define a
   backward only.
+
+The kernels, and triton with them, are imported by the first call of :func:`uses_kernels` (every op
+makes one) and by the ops' kernel implementations, not by ``import fused_gate``: the reference and
+the modules that only register the ops run without them.
 
 :func:`fused_op` registers an op with ``torch.library`` whose body runs its kernel implementation where
 :func:`uses_kernels` says so and its reference implementation elsewhere; the public functions first
@@ -21,12 +25,21 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from fused_gate.kernels import INTERPRETED
+from fused_gate.op_names import op_name
+
+
+@functools.cache
+def kernel_devices() -> tuple[str, ...]:
+    """The device types that run the kernels: CUDA, and the CPU when the kernels were defined for
+    Triton's interpreter (``fused_gate.kernels.INTERPRETED``); the first call imports them."""
+    from fused_gate.kernels import INTERPRETED
+
+    return ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
 
 def uses_kernels(x: object) -> bool:
     """True when an op on ``x``'s device runs the Triton kernels (compiled or interpreted)."""
-    return isinstance(x, Tensor) and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED))
+    return isinstance(x, Tensor) and x.device.type in kernel_devices()
 
 
 def needs_reference(*tensors: Tensor | None) -> bool:
@@ -43,7 +56,8 @@ def needs_reference(*tensors: Tensor | None) -> bool:
 
 
 def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], torch.library.CustomOpDef]:
-    """Register the decorated kernel implementation as the ``torch.library`` custom op ``name``.
+    """Register the decorated kernel implementation as the ``torch.library`` custom op ``name``
+    (registered as :func:`fused_gate.op_names.op_name` spells it, with its schema version).
 
     The op runs it where :func:`uses_kernels` holds for its first tensor argument, and ``reference``
     (same arguments, same outputs) elsewhere. The schema comes from the kernel implementation's
@@ -56,6 +70,6 @@ def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], torch.li
             device_tensor = next(a for a in args if isinstance(a, Tensor))
             return (kernels if uses_kernels(device_tensor) else reference)(*args)
 
-        return torch.library.custom_op(name, run, mutates_args=())
+        return torch.library.custom_op(op_name(name), run, mutates_args=())
 
     return register

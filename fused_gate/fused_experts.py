@@ -5,8 +5,8 @@ reads them back; this op computes ``H`` tile by tile in registers and mixes it a
 never reaches memory. It has no backward: training keeps the two-step path. Registered with
 ``torch.library`` (one node under ``torch.compile``); it runs the Triton kernel or the reference as
 ``fused_gate/dispatch.py`` decides for every op: the kernel on CUDA tensors, and on CPU tensors through
-the interpreter when ``TRITON_INTERPRET=1`` was set before import; the reference (the experts' layer,
-then the gate of :mod:`fused_gate.reference`) otherwise.
+the interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the first op call); the
+reference (the experts' layer, then the gate of :mod:`fused_gate.reference`) otherwise.
 """
 
 from __future__ import annotations
@@ -18,21 +18,24 @@ from fused_gate import dispatch, reference
 from fused_gate._validation import validate_experts_mix
 from fused_gate.activations import ACTIVATIONS
 from fused_gate.dispatch import fused_op, needs_reference
-from fused_gate.kernels.experts_mix import plan_experts_mix
 
 __all__ = ["experts_mix"]
 
 
-def _experts_mix_reference(x, weight, bias, cz, mask, scale, top_k, gate, activation, return_weights):
+# The op takes the gate kind as ``attention: bool``: its schema is unchanged since version 1 of the
+# operator names (a schema change renames every operator, fused_gate/op_names.py).
+
+
+def _experts_mix_reference(x, weight, bias, cz, mask, scale, top_k, attention, activation, return_weights):
     h = reference.experts_output(x, weight, bias, activation)
-    if gate == "attention":
+    if attention:
         y, p, _ = reference.attention_mix_forward(h, cz, scale, mask, top_k)
     else:
         y, p, _ = reference.softmax_mix_forward(cz, h, 1.0 / scale, mask, top_k)
     return y.to(x.dtype), p.to(x.dtype) if return_weights else x.new_empty((0,))
 
 
-@fused_op("fused_gate::experts_mix", reference=_experts_mix_reference)
+@fused_op("experts_mix", reference=_experts_mix_reference)
 def _experts_mix_op(
     x: Tensor,
     weight: Tensor,
@@ -41,19 +44,22 @@ def _experts_mix_op(
     mask: Tensor | None,
     scale: float,
     top_k: int | None,
-    gate: str,
+    attention: bool,
     activation: str,
     return_weights: bool,
 ) -> tuple[Tensor, Tensor]:
+    from fused_gate.kernels.experts_mix import plan_experts_mix  # the kernels load at the first kernel call
+
     y, p = plan_experts_mix(
-        x, weight, bias, cz, mask, scale, top_k, gate=gate, activation=ACTIVATIONS[activation].kernel,
+        x, weight, bias, cz, mask, scale, top_k, gate="attention" if attention else "softmax",
+        activation=ACTIVATIONS[activation].kernel,
         return_weights=return_weights,
     ).run()  # fmt: skip
     return y, p if return_weights else x.new_empty((0,))
 
 
 @_experts_mix_op.register_fake
-def _(x, weight, bias, cz, mask, scale, top_k, gate, activation, return_weights):
+def _(x, weight, bias, cz, mask, scale, top_k, attention, activation, return_weights):
     experts, _, dim = weight.shape
     tasks = cz.shape[-2]
     p = x.new_empty((x.shape[0], tasks, experts)) if return_weights else x.new_empty((0,))
@@ -125,6 +131,7 @@ def experts_mix(
             x, weight, bias, gate=gate, context=context, logits=logits, activation=activation, mask=mask,
             top_k=top_k, scale=scale, temperature=temperature, return_weights=return_weights,
         )  # fmt: skip
-    cz = context if gate == "attention" else logits
-    y, p = _experts_mix_op(x, weight, bias, cz, mask, score_scale, top_k, gate, activation, return_weights)
+    attention = gate == "attention"
+    cz = context if attention else logits
+    y, p = _experts_mix_op(x, weight, bias, cz, mask, score_scale, top_k, attention, activation, return_weights)
     return (y, p) if return_weights else y

@@ -3,8 +3,8 @@
 ``torch.compile(fullgraph=True)`` sees each op as one node (no graph break) and uses the fake
 kernels for shapes. Each op runs the Triton kernels or the plain-PyTorch reference as
 ``fused_gate/dispatch.py`` decides (as in docs/semantics.md): the kernels on CUDA tensors, and on CPU
-tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import; the reference
-otherwise.
+tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the
+first op call; setting it before ``import fused_gate`` is enough); the reference otherwise.
 """
 
 import torch
@@ -13,8 +13,6 @@ from torch import Tensor
 from fused_gate import dispatch, reference
 from fused_gate._validation import validate_attention_mix, validate_softmax_mix
 from fused_gate.dispatch import fused_op, needs_reference
-from fused_gate.kernels.gate_mix_bwd import plan_backward
-from fused_gate.kernels.gate_mix_fwd import plan_forward
 
 __all__ = ["attention_mix", "softmax_mix"]
 
@@ -38,9 +36,18 @@ def _forward_outputs(h, y, p, kept, top_k, return_weights) -> tuple[Tensor, Tens
 
 
 def _forward_kernels(h, cz, mask, scale, top_k, return_weights, gate) -> tuple[Tensor, Tensor, Tensor]:
+    from fused_gate.kernels.gate_mix_fwd import plan_forward  # the kernels load at the first kernel call
+
     kept = _kept_buffer(h, cz.shape[-2], top_k)
     y, p = plan_forward(h, cz, mask, scale, top_k, gate=gate, return_weights=return_weights, kept=kept).run()
     return _forward_outputs(h, y, p, kept, top_k, return_weights)
+
+
+def _backward_kernels(grad_y, grad_p, h, cz, mask, scale, gate) -> tuple[Tensor, Tensor]:
+    """``(dH, dC)`` or ``(dH, dZ)`` from the kernels."""
+    from fused_gate.kernels.gate_mix_bwd import plan_backward  # the kernels load at the first kernel call
+
+    return plan_backward(grad_y, grad_p, h, cz, mask, scale, gate=gate).run()
 
 
 def _backward_mask(mask: Tensor | None, kept: Tensor, top_k: int | None) -> Tensor | None:
@@ -68,7 +75,7 @@ def _attention_mix_reference(h, context, mask, scale, top_k, return_weights):
     return _forward_outputs(h, y, p, kept, top_k, return_weights)
 
 
-@fused_op("fused_gate::attention_mix", reference=_attention_mix_reference)
+@fused_op("attention_mix", reference=_attention_mix_reference)
 def _attention_mix_op(
     h: Tensor, context: Tensor, mask: Tensor | None, scale: float, top_k: int | None, return_weights: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,7 +95,7 @@ def _attention_mix_backward_reference(grad_y, grad_p, h, context, mask, scale):
     return reference.attention_mix_backward(grad_y, h, context, scale=scale, mask=mask, grad_weights=grad_p)
 
 
-@fused_op("fused_gate::attention_mix_backward", reference=_attention_mix_backward_reference)
+@fused_op("attention_mix_backward", reference=_attention_mix_backward_reference)
 def _attention_mix_backward_op(
     grad_y: Tensor,
     grad_p: Tensor | None,
@@ -98,7 +105,7 @@ def _attention_mix_backward_op(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """``(dH, dC)``. ``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
-    return plan_backward(grad_y, grad_p, h, context, mask, scale, gate="attention").run()
+    return _backward_kernels(grad_y, grad_p, h, context, mask, scale, "attention")
 
 
 @_attention_mix_backward_op.register_fake
@@ -163,7 +170,7 @@ def _softmax_mix_reference(logits, h, mask, temperature, top_k, return_weights):
     return _forward_outputs(h, y, p, kept, top_k, return_weights)
 
 
-@fused_op("fused_gate::softmax_mix", reference=_softmax_mix_reference)
+@fused_op("softmax_mix", reference=_softmax_mix_reference)
 def _softmax_mix_op(
     logits: Tensor,
     h: Tensor,
@@ -187,7 +194,7 @@ def _softmax_mix_backward_reference(grad_y, grad_p, logits, h, mask, temperature
     return reference.softmax_mix_backward(grad_y, logits, h, temperature=temperature, mask=mask, grad_weights=grad_p)
 
 
-@fused_op("fused_gate::softmax_mix_backward", reference=_softmax_mix_backward_reference)
+@fused_op("softmax_mix_backward", reference=_softmax_mix_backward_reference)
 def _softmax_mix_backward_op(
     grad_y: Tensor,
     grad_p: Tensor | None,
@@ -197,7 +204,7 @@ def _softmax_mix_backward_op(
     temperature: float,
 ) -> tuple[Tensor, Tensor]:
     """``(dZ, dH)``. ``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
-    dh, dz = plan_backward(grad_y, grad_p, h, logits, mask, 1.0 / temperature, gate="softmax").run()
+    dh, dz = _backward_kernels(grad_y, grad_p, h, logits, mask, 1.0 / temperature, "softmax")
     return dz, dh
 
 

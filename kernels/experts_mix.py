@@ -13,9 +13,10 @@ One launch; each program owns ``ROWS >= 16`` rows (the M of ``tl.dot``). ``H[row
 a ``[ROWS, BLOCK_K] x [BLOCK_K, BLOCK_D]`` ``tl.dot`` loop over K with float32 accumulation, then the
 bias and the activation, all in registers.
 
-The attention gate without top-k, when the tile spans D (``D <= 256`` and 16 rows of the
-``[ROWS, T, D]`` accumulator fit), runs **one pass** (``experts_mix_one_pass_kernel``): for each expert, ``H[rows, e]``
-is computed once, scored against every task, and folded into ``Y`` by an online softmax over experts
+Two kernels take the same arguments; the launcher picks one. The attention gate without top-k, when
+the tile spans D (``D <= 256`` and 16 rows of the ``[ROWS, T, D]`` accumulator fit), runs **one pass**
+(``experts_mix_one_pass_kernel``): for each expert, ``H[rows, e]`` is computed once, scored against
+every task, and folded into ``Y`` by an online softmax over experts
 (running max ``m``, running denominator, accumulator rescaled by ``exp(m_old - m_new)``, as flash
 attention does over keys); ``p`` for ``return_weights`` and the NaN rows (an allowed ``+inf`` or NaN
 score) come from all ``E`` scores at the end, by ``gate_tile.gate_weights``. The expert matmul runs

@@ -187,8 +187,9 @@ def gate_mix_bwd_kernel(
             col = tl.cast(d0, tl.int64)
             chunk_at = chunk(at, d0)
             tile_d = tile if SINGLE_CHUNK else load_expert_tile(column(h, col), chunk_at)
-            s, dp = _add_score_and_grad_dots(s, dp, tile_d, column(cz, col), column(g, col), chunk_at,
-                                             GATE, PER_ROW_CONTEXT)  # fmt: skip
+            s, dp = _add_score_and_grad_dots(
+                s, dp, tile_d, column(cz, col), column(g, col), chunk_at, GATE, PER_ROW_CONTEXT
+            )
 
         # stage 2: the weights and ds (dZ = scale * ds for the softmax gate)
         if GATE != "attention":

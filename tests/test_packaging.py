@@ -42,11 +42,12 @@ def test_wheel_holds_license_and_packages(tmp_path):
 
 def test_reference_does_not_import_triton():
     """``fused_gate.reference`` (plain PyTorch, with the validation and activations it reads) imports no
-    triton; a name that needs the kernels loads them on first use."""
+    triton, nor does the package that registers the ops; the kernels load at the first op call."""
     code = (
-        "import sys, fused_gate.reference, fused_gate as fg; "
+        "import sys, torch, fused_gate.reference, fused_gate as fg; "
         "assert 'triton' not in sys.modules, sorted(m for m in sys.modules if m.startswith('fused_gate')); "
-        "fg.attention_mix; assert 'triton' in sys.modules"
+        "fg.reference.attention_mix(torch.ones(2, 3, 4), torch.ones(1, 4)); assert 'triton' not in sys.modules; "
+        "fg.uses_kernels(torch.ones(1)); assert 'triton' in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
