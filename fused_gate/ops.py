@@ -36,6 +36,7 @@ def _forward_outputs(h, y, p, kept, top_k, return_weights) -> tuple[Tensor, Tens
 
 
 def _forward_kernels(h, cz, mask, scale, top_k, return_weights, gate) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward ops' outputs from the kernels; with top-k the launch fills the kept experts."""
     from fused_gate.kernels.gate_mix_fwd import plan_forward  # the kernels load at the first kernel call
 
     kept = _kept_buffer(h, cz.shape[-2], top_k)
