@@ -140,6 +140,12 @@ def test_auc_counts_pairs():
         (["--embedding-dim", "6"], 1, "--embedding-dim must be a multiple of 4"),
         (["--embedding-dim", "12", "--sharding", "column_wise"], 8, "--embedding-dim must be a multiple of 8"),
         (["--num-embeddings", "3", "--sharding", "row_wise"], 4, "--num-embeddings must be at least 4, got 3"),
+        pytest.param(
+            ["--device", "cuda"],
+            1,
+            "--device cuda: no GPU is visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+        ),
     ],
 )
 def test_rejects_bad_arguments(argv, world, message, monkeypatch, capsys):
@@ -147,8 +153,8 @@ def test_rejects_bad_arguments(argv, world, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(argv)
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("python -m torch.distributed.run") and message in error
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("python -m fused_gate.apps.torchrec: error: ") and message in error
 
 
 def test_help_and_parsing_need_no_torchrec(monkeypatch, capsys):

@@ -29,7 +29,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:  # the app imports torch and TorchRec after parsing its arguments, so --help is instant
     import torch
@@ -71,6 +71,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line (the usage is long): the message, and where the options are listed."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def _world_size() -> int:
     """The number of processes ``torch.distributed.run`` started (1 without it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,9 +85,10 @@ def _world_size() -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The app's options, checked against each other and against the number of processes (exit 2 if wrong)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m torch.distributed.run --nproc-per-node N -m fused_gate.apps.torchrec",
+    parser = _Parser(
+        prog="python -m fused_gate.apps.torchrec",
         description=__doc__.split("\n\n")[0],
+        epilog="N processes: python -m torch.distributed.run --nproc-per-node N -m fused_gate.apps.torchrec [options]",
     )
     parser.add_argument(
         "--sharding",
@@ -110,6 +118,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when a GPU is visible")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch  # already imported with the package
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no GPU is visible")
     world = _world_size()
     if args.batch_size % world:
         parser.error(f"--batch-size must be a multiple of the number of processes ({world}), got {args.batch_size}")
