@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
-if TYPE_CHECKING:  # the app imports torch and TorchRec after parsing its arguments, so --help is instant
+if TYPE_CHECKING:  # TorchRec takes seconds to import: the app imports it after parsing, so --help answers at once
     import torch
     from torch import Tensor, nn
     from torchrec.distributed import DistributedModelParallel
@@ -46,8 +46,8 @@ OVER_ARCH_NAMES = {"mmoe": "MMoE", "ple": "PLE"}
 GATES = ("attention", "softmax")
 EVAL_BATCHES = 4
 INSTALL = (
-    "install TorchRec without its dependencies, then the fbgemm build for your device: "
-    "bash scripts/dev.sh installs it on a CPU; see docs/torchrec.md"
+    "bash scripts/dev.sh installs it on a CPU; elsewhere pip install '.[torchrec]', then TorchRec 1.8.0 and "
+    "the fbgemm 1.8.0 build for your device with --no-deps (docs/torchrec.md)"
 )
 
 
