@@ -253,7 +253,7 @@ def attention_mix(
         h, context, scale, mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`
             (float64 accepted too).
     """
-    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
+    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, return_weights)
     y, p, _ = _AttentionMix.apply(h, context, scale, mask, top_k)
     return (y, p) if return_weights else y
 
@@ -356,7 +356,7 @@ def softmax_mix(
         logits, h, temperature, mask, top_k, return_weights: as in :func:`fused_gate.softmax_mix`
             (float64 accepted too).
     """
-    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
+    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
     y, p, _ = _SoftmaxMix.apply(logits, h, temperature, mask, top_k)
     return (y, p) if return_weights else y
 
@@ -417,7 +417,7 @@ def experts_mix(
         ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
     """
     score_scale, top_k = check_experts_mix(
-        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, kernel_path=False
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
     )
     with torch.no_grad():
         h = experts_output(x, weight, bias, activation)
