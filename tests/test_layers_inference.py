@@ -150,7 +150,15 @@ def _halve_input(module, args):
     return (args[0] * 0.5,)
 
 
-def _prune_then_update(model):
+def _counted(hook, calls: list):
+    def counting(*args):
+        calls.append(1)
+        return hook(*args)
+
+    return counting
+
+
+def _prune_then_update(model, calls):
     """Pruning recomputes the weight in a pre-hook; an update of ``weight_orig`` shows only through it."""
     last = model.experts.layers[-1]
     prune.l1_unstructured(last, "weight", amount=0.5)
@@ -158,41 +166,58 @@ def _prune_then_update(model):
         last.weight_orig.mul_(-1.5)
 
 
+def _global_hook(model, calls):
+    def clamp_experts(module, args, output):
+        if module is model.experts:
+            calls.append(1)
+            return output.clamp(max=0.05)
+        return None
+
+    return torch.nn.modules.module.register_module_forward_hook(clamp_experts)
+
+
+# where -> what it registers on a fresh model (counting the hook's calls); each changes the output
+HOOKS = {
+    "forward hook on the experts": lambda m, c: m.experts.register_forward_hook(_counted(_clamp_output, c)),
+    "forward hook on the last expert layer": lambda m, c: m.experts.layers[-1].register_forward_hook(
+        _counted(_clamp_output, c)
+    ),
+    "pre-hook on the last expert layer": lambda m, c: m.experts.layers[-1].register_forward_pre_hook(
+        _counted(_halve_input, c)
+    ),
+    "forward hook on the gate": lambda m, c: m.gate.register_forward_hook(_counted(_clamp_output, c)),
+    "global forward hook": _global_hook,
+    "prune": _prune_then_update,
+}
+
+
+@pytest.mark.parametrize("where", list(HOOKS))
+def test_inference_keeps_hooks_and_prune(where, dispatch_path, device):
+    """With a hook on a module the one-kernel path does not call, the two steps run: the hook fires once per
+    forward and acts as with autograd on."""
+    model = build("mmoe_attention", device)
+    calls = []
+    handle = HOOKS[where](model, calls)
+    try:
+        fast, two_steps = _inference_and_two_steps(model, torch.randn(13, 10, device=device))
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert len(calls) == (0 if where == "prune" else 2), "the hook fired once per forward in both modes"
+    assert_matches(fast, two_steps, torch.float32, where)
+
+
 class _Scaled(torch.nn.Module):
     def forward(self, weight):
         return 0.5 * weight
 
 
-# where -> what it registers on a fresh model; every one changes the output, which the one-kernel path must keep
-HOOKS = {
-    "forward hook on the experts": lambda m: m.experts.register_forward_hook(_clamp_output),
-    "forward hook on the last expert layer": lambda m: m.experts.layers[-1].register_forward_hook(_clamp_output),
-    "pre-hook on the last expert layer": lambda m: m.experts.layers[-1].register_forward_pre_hook(_halve_input),
-    "forward hook on the gate": lambda m: m.gate.register_forward_hook(_clamp_output),
-    "global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: out.clamp(max=0.05) if module is m.experts else None
-    ),
-    "prune": _prune_then_update,
-    "parametrization": lambda m: parametrize.register_parametrization(m.experts.layers[-1], "weight", _Scaled()),
-}
-
-
-@pytest.mark.parametrize("where", list(HOOKS))
-def test_inference_keeps_hooks_prune_and_parametrizations(where, dispatch_path, launches, device):
-    """With a hook on a module the one-kernel path does not call, the two steps run (the hook fires once per
-    forward, as with autograd on); a parametrized weight is read through the module."""
+def test_inference_reads_a_parametrized_weight_in_one_kernel(dispatch_path, launches, device):
     model = build("mmoe_attention", device)
-    calls = []
-    handle = HOOKS[where](model)
-    counted = model.experts.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        fast, two_steps = _inference_and_two_steps(model, torch.randn(13, 10, device=device))
-    finally:
-        counted.remove()
-        if isinstance(handle, torch.utils.hooks.RemovableHandle):
-            handle.remove()
-    assert len(calls) == 2, "the experts ran (and their hooks fired) once per forward in both modes"
-    assert_matches(fast, two_steps, torch.float32, where)
+    parametrize.register_parametrization(model.experts.layers[-1], "weight", _Scaled())
+    fast, two_steps = _inference_and_two_steps(model, torch.randn(13, 10, device=device))
+    assert launches.counts["experts_mix_kernel"] == (1 if dispatch_path == "kernels" else 0)
+    assert_matches(fast, two_steps, torch.float32, "parametrized weight")
 
 
 def test_inference_without_hooks_still_runs_one_kernel(launches, device):
@@ -221,9 +246,13 @@ def test_tanh_experts_agree_at_small_values(gate, dispatch_path, device):
 def test_float16_overflow_is_the_same_on_both_paths(name, dispatch_path, device):
     """Experts' outputs beyond float16's range: ``H`` is rounded to float16 in the one kernel as the two steps
     store it, so both give inf and NaN at the same places and agree elsewhere."""
-    model = build(name, device, tower_hidden=None).half()
+    model = build(name, device, tower_hidden=None)
+    with torch.no_grad():
+        for experts in (m.experts for m in model.modules() if hasattr(m, "experts")):
+            experts.layers[-1].weight.mul_(60)
+    model.half()
     x = torch.randn(24, 10, device=device, dtype=torch.float16)
-    x[::3] *= 3e4  # every third row overflows some experts' outputs
+    x[::3] *= 1e3  # every third row overflows some experts' outputs (x itself stays finite)
     fast, two_steps = _inference_and_two_steps(model, x)
     assert two_steps.isnan().any() or two_steps.isinf().any(), "no overflow to test"
     assert not two_steps[1::3].isnan().any()
