@@ -28,26 +28,32 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def validate_activation(activation: object) -> str:
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a name, one of {sorted(ACTIVATIONS)}, got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return activation
 
 
 def validate_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
+        raise TypeError(f"dropout must be a probability in [0, 1), got {type(dropout).__name__}")
+    if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     return float(dropout)
 
 
+def _is_int(w: object) -> bool:
+    return isinstance(w, int) and not isinstance(w, bool)
+
+
 def validate_widths(name: str, widths: int | Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
     """An int or a sequence of ints >= 1 as a tuple; ``allow_empty`` accepts ``()``."""
-    widths = (widths,) if isinstance(widths, int) and not isinstance(widths, bool) else widths
-    if (
-        not isinstance(widths, Sequence)
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
-        or (not widths and not allow_empty)
-    ):
-        expected = "an int >= 1 or a sequence of them" + (" (may be empty)" if allow_empty else "")
+    widths = (widths,) if _is_int(widths) else widths
+    expected = "an int >= 1 or a sequence of them" + (" (may be empty)" if allow_empty else "")
+    if isinstance(widths, str) or not isinstance(widths, Sequence) or not all(_is_int(w) for w in widths):
+        raise TypeError(f"{name} must be {expected}, got {widths!r}")
+    if not all(w >= 1 for w in widths) or (not widths and not allow_empty):
         raise ValueError(f"{name} must be {expected}, got {widths!r}")
     return tuple(widths)
 

@@ -5,7 +5,7 @@ reads them back; this op computes ``H`` tile by tile in registers and mixes it a
 never reaches memory. It has no backward: training keeps the two-step path. Registered with
 ``torch.library`` (one node under ``torch.compile``); dispatch as for the other ops: CUDA tensors run
 the Triton kernel, CPU tensors run it through the interpreter when ``TRITON_INTERPRET=1`` was set
-before import, and :func:`fused_gate.reference.experts_mix` otherwise.
+before import, and :func:`fused_gate.reference.experts_mix` otherwise and for float64 inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fused_gate import reference
 from fused_gate._checks import check_experts_mix
 from fused_gate.kernels.experts_mix import experts_mix_forward
 from fused_gate.op_names import op_name
-from fused_gate.ops import uses_kernels
+from fused_gate.ops import in_float64, uses_kernels
 
 __all__ = ["experts_mix"]
 
@@ -99,18 +99,19 @@ def experts_mix(
         mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`.
 
     Returns:
-        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
+        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype. ``H`` is rounded to ``x``'s dtype (before
+        and after the activation) where the two-step path stores it, so both overflow alike in float16.
 
     Raises:
-        ValueError: an input requires grad while grad mode is on (there is no backward), or a shape,
-            gate or activation is not as described; TypeError: a wrong dtype.
+        TypeError: an input of the wrong type or dtype (checked first); ValueError: a shape, gate or
+            activation is not as described, or an input requires grad while grad mode is on (there is no
+            backward).
     """
-    _refuse_gradients(x=x, weight=weight, bias=bias, context=context, logits=logits)
     score_scale, top_k = check_experts_mix(
-        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature,
-        kernel_path=uses_kernels(x),
-    )  # fmt: skip
-    if not uses_kernels(x):
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
+    )
+    _refuse_gradients(x=x, weight=weight, bias=bias, context=context, logits=logits)
+    if not uses_kernels(x) or in_float64(x, weight, bias, context, logits):
         return reference.experts_mix(
             x, weight, bias, gate=gate, context=context, logits=logits, activation=activation, mask=mask,
             top_k=top_k, scale=scale, temperature=temperature, return_weights=return_weights,

@@ -3,7 +3,8 @@
 ``torch.compile(fullgraph=True)`` sees each op as one node (no graph break) and uses the fake
 kernels for shapes. Dispatch (as in docs/semantics.md): CUDA tensors run the Triton kernels; CPU
 tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
-import, and the plain-PyTorch reference otherwise.
+import, and the plain-PyTorch reference otherwise. float64 inputs run the reference on every device
+(the kernels compute in float32), so ``model.double()`` works wherever the model runs.
 """
 
 import torch
@@ -25,12 +26,20 @@ def uses_kernels(x: object) -> bool:
     return isinstance(x, Tensor) and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED))
 
 
-def _needs_reference(*tensors: Tensor) -> bool:
-    """True under ``torch.func`` transforms or with forward-mode (dual) inputs.
+def in_float64(*tensors: Tensor | None) -> bool:
+    """True when an input is float64: the op runs :mod:`fused_gate.reference` in float64 on every device."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
-    The custom ops define a backward only; the reference is a plain-PyTorch ``autograd.Function``
-    with closed-form backward, forward-mode and vmap rules, so it serves these callers exactly.
+
+def _needs_reference(*tensors: Tensor) -> bool:
+    """True for float64 inputs, under ``torch.func`` transforms or with forward-mode (dual) inputs.
+
+    The kernels compute in float32. The custom ops define a backward only; the reference is a
+    plain-PyTorch ``autograd.Function`` with closed-form backward, forward-mode and vmap rules, so it
+    serves these callers exactly.
     """
+    if in_float64(*tensors):
+        return True
     if torch.compiler.is_compiling():
         return False
     if torch._C._are_functorch_transforms_active():
@@ -154,10 +163,11 @@ def attention_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p`` in ``h``'s dtype). Gradients flow to ``h``,
-        ``context`` and through ``p`` when it is returned. Under ``torch.func`` transforms and
-        forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same semantics).
+        ``context`` and through ``p`` when it is returned. With a float64 input, under ``torch.func``
+        transforms and forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same
+        semantics).
     """
-    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=uses_kernels(h))
+    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, return_weights)
     if _needs_reference(h, context):
         return reference.attention_mix(h, context, scale=scale, mask=mask, top_k=top_k, return_weights=return_weights)
     y, p, _ = _attention_mix_op(h, context, mask, scale, top_k, return_weights)
@@ -249,10 +259,10 @@ def softmax_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p [B, T, E]``); gradients flow to ``logits`` and ``h``.
-        Under ``torch.func`` transforms and forward-mode AD the op runs
+        With a float64 input, under ``torch.func`` transforms and forward-mode AD the op runs
         :func:`fused_gate.reference.softmax_mix` (same semantics).
     """
-    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=uses_kernels(h))
+    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
     if _needs_reference(logits, h):
         return reference.softmax_mix(
             logits, h, temperature=temperature, mask=mask, top_k=top_k, return_weights=return_weights
