@@ -27,7 +27,12 @@ import torch
 
 import fused_gate
 from bench.swap_models import MODELS, inputs_to
+from fused_gate._validation import MAX_TASKS
+from fused_gate.apps.arguments import comma_list, integer, widths
+from fused_gate.apps.arguments import device as device_name
 from fused_gate.kernels import INTERPRETED
+
+PLE_SHARED = 2  # shared experts per PLE level; the rest are split over the tasks
 
 
 def _sync(device: torch.device) -> None:
@@ -69,10 +74,7 @@ def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int, war
 def _sizes(name: str, experts: int, hidden: tuple[int, ...], tasks: int) -> dict:
     if name.endswith("mmoe"):
         return dict(num_experts=experts, hidden=hidden, num_tasks=tasks)
-    shared = 2
-    if (experts - shared) % tasks:
-        raise SystemExit(f"PLE needs experts - {shared} shared to split evenly over {tasks} tasks, got {experts}")
-    return dict(per_task=(experts - shared) // tasks, shared=shared, hidden=hidden, num_tasks=tasks)
+    return dict(per_task=(experts - PLE_SHARED) // tasks, shared=PLE_SHARED, hidden=hidden, num_tasks=tasks)
 
 
 def cpu_name() -> str:
@@ -106,21 +108,29 @@ def step_table(
     model in train mode; ``--hidden`` takes the experts' widths, comma-separated.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--hidden", default=default_hidden, help="the experts' widths, comma-separated")
-    parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--batch", type=integer(1), default=1024)
+    parser.add_argument("--experts", type=integer(1), default=8, help="experts per level")
+    parser.add_argument("--hidden", type=widths, default=default_hidden, help="the experts' widths, comma-separated")
+    parser.add_argument("--tasks", type=integer(2, MAX_TASKS - 1), default=3, help="the libraries need 2 or more")
+    parser.add_argument("--steps", type=integer(1), default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=integer(1), default=20)
+    parser.add_argument("--warmup", type=integer(0), default=3, help="untimed steps per model first")
+    parser.add_argument(
+        "--models", type=comma_list(list(MODELS)), default=list(MODELS), help=f"comma list of {','.join(MODELS)}"
+    )
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
+    per_task, left = divmod(args.experts - PLE_SHARED, args.tasks)
+    if any(name.endswith("ple") for name in args.models) and (per_task < 1 or left):
+        parser.error(
+            f"--experts: a PLE level has {PLE_SHARED} shared experts and the rest split evenly over the "
+            f"{args.tasks} tasks, at least one each; got {args.experts}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    hidden = tuple(int(width) for width in args.hidden.split(","))
+    hidden = args.hidden
 
     print(f"# One training step, original vs {compared} ({dispatch_label(device)})")
     print(
@@ -130,7 +140,7 @@ def step_table(
     )
     print(f"| model | original ms/step | {compared} ms/step | original / {compared} |")
     print("| --- | ---: | ---: | ---: |")
-    for name in args.models.split(","):
+    for name in args.models:
         model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, hidden, args.tasks))
         model.to(device).train()
         other = make_compared(name, model)

@@ -30,11 +30,22 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _relu_limits(act: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``act`` (GELU, SiLU) with its limits at the infinities: ``act(+inf) = +inf`` and ``act(-inf) = 0``, where
+    torch's formulas give NaN (``-inf * 0``; float32 GELU also at ``+inf``)."""
+
+    def limited(h: Tensor) -> Tensor:
+        return torch.where(h.isinf(), h.clamp(min=0), act(h))
+
+    return limited
+
+
+# Every function maps +-inf to its limit and NaN to NaN, as the kernel's _activate does.
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation(torch.relu, nn.ReLU, "relu"),
     "leaky_relu": Activation(F.leaky_relu, nn.LeakyReLU, "leaky_relu"),  # negative slope 0.01, as nn.LeakyReLU()
-    "gelu": Activation(F.gelu, nn.GELU, "gelu"),  # the exact (erf) form, as nn.GELU()
-    "silu": Activation(F.silu, nn.SiLU, "silu"),
+    "gelu": Activation(_relu_limits(F.gelu), nn.GELU, "gelu"),  # the exact (erf) form, as nn.GELU()
+    "silu": Activation(_relu_limits(F.silu), nn.SiLU, "silu"),
     "sigmoid": Activation(torch.sigmoid, nn.Sigmoid, "sigmoid"),
     "tanh": Activation(torch.tanh, nn.Tanh, "tanh"),
     "identity": Activation(_identity, nn.Identity, "identity"),

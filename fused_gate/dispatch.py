@@ -3,6 +3,8 @@
 - CUDA tensors run the Triton kernels.
 - CPU tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
   before the kernels load (at the first op call), and the reference otherwise.
+- float64 inputs run the reference on every device (the kernels compute in float32), so
+  ``model.double()`` works wherever the model runs.
 - Under ``torch.func`` transforms or with forward-mode (dual) inputs every op runs the reference, whose
   ``autograd.Function`` has closed-form backward, forward-mode and vmap rules: the ops define a
   backward only.
@@ -42,9 +44,17 @@ def uses_kernels(x: object) -> bool:
     return isinstance(x, Tensor) and x.device.type in kernel_devices()
 
 
+def in_float64(*tensors: Tensor | None) -> bool:
+    """True when an input is float64: the op runs :mod:`fused_gate.reference` in float64 on every device."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
 def needs_reference(*tensors: Tensor | None) -> bool:
-    """True under ``torch.func`` transforms or with forward-mode (dual) inputs: the reference serves these
-    callers exactly, where the ops define a backward only."""
+    """True for float64 inputs (the kernels compute in float32), under ``torch.func`` transforms or with
+    forward-mode (dual) inputs (the ops define a backward only; the reference's ``autograd.Function`` has
+    closed-form backward, forward-mode and vmap rules, so it serves these callers exactly)."""
+    if in_float64(*tensors):
+        return True
     if torch.compiler.is_compiling():
         return False
     if torch._C._are_functorch_transforms_active():

@@ -6,7 +6,8 @@ never reaches memory. It has no backward: training keeps the two-step path. Regi
 ``torch.library`` (one node under ``torch.compile``); it runs the Triton kernel or the reference as
 ``fused_gate/dispatch.py`` decides for every op: the kernel on CUDA tensors, and on CPU tensors through
 the interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the first op call); the
-reference (the experts' layer, then the gate of :mod:`fused_gate.reference`) otherwise.
+reference (the experts' layer, then the gate of :mod:`fused_gate.reference`) otherwise, and
+:func:`fused_gate.reference.experts_mix` for float64 inputs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_gate import dispatch, reference
+from fused_gate import reference
 from fused_gate._validation import validate_experts_mix
 from fused_gate.activations import ACTIVATIONS
 from fused_gate.dispatch import fused_op, needs_reference
@@ -115,17 +116,18 @@ def experts_mix(
         mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`.
 
     Returns:
-        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
+        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype. ``H`` is rounded to ``x``'s dtype (before
+        and after the activation) where the two-step path stores it, so both overflow alike in float16.
 
     Raises:
-        ValueError: an input requires grad while grad mode is on (there is no backward), or a shape,
-            gate or activation is not as described; TypeError: a wrong dtype.
+        TypeError: an input of the wrong type or dtype (checked first); ValueError: a shape, gate or
+            activation is not as described, or an input requires grad while grad mode is on (there is no
+            backward).
     """
-    _refuse_gradients(x=x, weight=weight, bias=bias, context=context, logits=logits)
     score_scale, top_k = validate_experts_mix(
-        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature,
-        kernel_path=dispatch.uses_kernels(x),
-    )  # fmt: skip
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
+    )
+    _refuse_gradients(x=x, weight=weight, bias=bias, context=context, logits=logits)
     if needs_reference(x, weight, bias, context, logits):
         return reference.experts_mix(
             x, weight, bias, gate=gate, context=context, logits=logits, activation=activation, mask=mask,

@@ -8,7 +8,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._validation import validate_module_mask, validate_positive_float, validate_top_k, validate_widths
+from fused_gate._validation import (
+    MAX_EXPERTS,
+    MAX_TASKS,
+    validate_count,
+    validate_flag,
+    validate_module_mask,
+    validate_positive_float,
+    validate_top_k,
+    validate_widths,
+)
 from fused_gate.experts import BatchedDense, BatchedLinear, BatchedMLP
 from fused_gate.fused_experts import experts_mix
 from fused_gate.ops import attention_mix, softmax_mix
@@ -62,8 +71,8 @@ class AttentionMix(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if num_tasks < 1 or dim < 1:
-            raise ValueError(f"num_tasks and dim must be >= 1, got num_tasks={num_tasks}, dim={dim}")
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
+        dim = validate_count("dim", dim, 1)
         self.num_tasks, self.dim = num_tasks, dim
         self.scale = None if scale is None else validate_positive_float("scale", scale)
         self.top_k = validate_top_k(top_k)
@@ -184,6 +193,12 @@ class SoftmaxGate(nn.Module):
         logits_batch_norm: bool = False,
     ) -> None:
         super().__init__()
+        in_features = validate_count("in_features", in_features, 1)
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
+        num_experts = validate_count("num_experts", num_experts, 1, MAX_EXPERTS)
+        flags = dict(bias=bias, hidden_batch_norm=hidden_batch_norm, logits_batch_norm=logits_batch_norm)
+        for name, flag in flags.items():
+            validate_flag(name, flag)
         self.num_tasks, self.num_experts = num_tasks, num_experts
         self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
         self.top_k = validate_top_k(top_k, num_experts)

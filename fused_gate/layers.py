@@ -17,7 +17,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._validation import GATES, fits_one_kernel, validate_top_k, validate_widths
+from fused_gate._hooks import forward_hooked
+from fused_gate._validation import (
+    GATES,
+    MAX_EXPERTS,
+    MAX_TASKS,
+    fits_one_kernel,
+    validate_activation,
+    validate_count,
+    validate_dropout,
+    validate_flag,
+    validate_top_k,
+    validate_widths,
+)
 from fused_gate.dispatch import uses_kernels
 from fused_gate.experts import Experts, TaskTowers
 from fused_gate.gates import AttentionMix, SoftmaxGate
@@ -94,9 +106,25 @@ def _make_towers(
     )
 
 
+def _check_options(**options: object) -> None:
+    """The layers' options that take a bool (``None``: the default of a tower option), an activation name or a
+    dropout probability, each checked by its name."""
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name.endswith("activation"):
+            validate_activation(value)
+        elif name.endswith("dropout"):
+            validate_dropout(value)
+        else:
+            validate_flag(name, value)
+
+
 def _one_kernel_applies(experts: Experts, gate: AttentionMix | SoftmaxGate, x: Tensor) -> bool:
     """Whether :func:`fused_gate.experts_mix` can serve this call: inference (eval mode, no autograd), a last
-    expert layer without BatchNorm, the kernels' device, one dtype (no autocast), and a gate tile it holds."""
+    expert layer without BatchNorm, the kernels' device, one dtype (no autocast), a gate tile it holds, and
+    no forward hook or pre-hook on the modules it does not call (the experts, their last layer, the gate)
+    nor on every module."""
     last = experts.layers[-1]
     return (
         not experts.training
@@ -104,6 +132,7 @@ def _one_kernel_applies(experts: Experts, gate: AttentionMix | SoftmaxGate, x: T
         and last.batch_norm is None
         and uses_kernels(x)
         and not torch.is_autocast_enabled(x.device.type)
+        and not forward_hooked(experts, last, gate)
         and x.dtype == last.weight.dtype
         and fits_one_kernel(gate.num_tasks, last.groups)
     )
@@ -113,7 +142,8 @@ def _gate_mix(
     gate: AttentionMix | SoftmaxGate, experts: Experts, gate_input: Tensor, expert_input: Tensor, fused_experts: bool
 ) -> Tensor:
     """``gate.mix(gate_input, experts(expert_input))``; in inference, with ``fused_experts``, the experts' last
-    layer and the gate run as one kernel and the experts' outputs are never written."""
+    layer and the gate run as one kernel and the experts' outputs are never written. The last layer's weight
+    is read through the module at every call, so a ``torch.nn.utils.parametrize`` parametrization applies."""
     if fused_experts and _one_kernel_applies(experts, gate, expert_input):
         return gate.mix_experts(gate_input, experts.last_layer_input(expert_input), experts.layers[-1])
     return gate.mix(gate_input, experts(expert_input))
@@ -155,8 +185,15 @@ class MMoE(nn.Module):
         fused_experts: in inference (``eval()`` under ``torch.no_grad()`` or ``torch.inference_mode()``,
             on the kernels' device), run the experts' last layer and the gate as one kernel,
             :func:`fused_gate.experts_mix`, which never writes the experts' outputs; it applies when that
-            layer has no BatchNorm, the input has the weights' dtype (no autocast) and
-            ``next_power_of_2(T) * next_power_of_2(E) <= 512``. ``False`` keeps the two steps.
+            layer has no BatchNorm, the input has the weights' dtype (no autocast),
+            ``next_power_of_2(T) * next_power_of_2(E) <= 512``, and no forward hook or pre-hook is
+            registered on ``experts``, ``experts.layers[-1]`` or ``gate`` (modules that path does not
+            call; ``torch.nn.utils.prune`` and the hook-based weight and spectral norms are such hooks) nor
+            on every module. ``False`` keeps the two steps. Both paths give the same result.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range, named in the message;
+            ``num_experts`` is at most 256 and ``num_tasks`` at most 16 (the kernels' limits).
     """
 
     def __init__(
@@ -182,7 +219,15 @@ class MMoE(nn.Module):
         fused_experts: bool = True,
     ) -> None:
         super().__init__()
+        in_features = validate_count("in_features", in_features, 1)
+        num_experts = validate_count("num_experts", num_experts, 1, MAX_EXPERTS)
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
         top_k = validate_top_k(top_k, num_experts)
+        _check_options(
+            batch_norm=batch_norm, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm, tower_bias=tower_bias,
+            tower_batch_norm=tower_batch_norm, fused_experts=fused_experts, tower_activation=tower_activation,
+            tower_dropout=tower_dropout,
+        )  # fmt: skip
         self.num_experts, self.num_tasks = num_experts, num_tasks
         self.fused_experts = fused_experts
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
@@ -320,6 +365,11 @@ class PLE(nn.Module):
         gate_hidden, gate_bias, gate_batch_norm: as in :class:`MMoE`, for every level.
         tower_activation, tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`.
         fused_experts: as in :class:`MMoE`, for every level.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range, named in the message. A level
+            has ``E = num_shared_experts + num_tasks * num_task_experts`` experts, 1 to 256, and
+            ``num_tasks`` gates (16 at most), plus a shared gate when ``num_levels > 1`` (15 tasks at most).
     """
 
     def __init__(
@@ -348,8 +398,28 @@ class PLE(nn.Module):
         fused_experts: bool = True,
     ) -> None:
         super().__init__()
-        if num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        in_features = validate_count("in_features", in_features, 1)
+        num_levels = validate_count("num_levels", num_levels, 1)
+        num_tasks = validate_count("num_tasks", num_tasks, 1)
+        if num_tasks + int(num_levels > 1) > MAX_TASKS:
+            raise ValueError(
+                f"num_tasks = {num_tasks} with num_levels = {num_levels}: every level but the last has a shared gate "
+                f"besides the task gates, and the kernels support at most {MAX_TASKS} gates per level"
+            )
+        num_shared_experts = validate_count("num_shared_experts", num_shared_experts, 0)
+        num_task_experts = validate_count("num_task_experts", num_task_experts, 0)
+        num_experts = num_shared_experts + num_tasks * num_task_experts
+        if not 1 <= num_experts <= MAX_EXPERTS:
+            raise ValueError(
+                f"num_shared_experts + num_tasks * num_task_experts = {num_experts}: each level needs 1 to "
+                f"{MAX_EXPERTS} experts (the kernels' limit)"
+            )
+        top_k = validate_top_k(top_k, num_experts)
+        _check_options(
+            batch_norm=batch_norm, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm, tower_bias=tower_bias,
+            tower_batch_norm=tower_batch_norm, fused_experts=fused_experts, tower_activation=tower_activation,
+            tower_dropout=tower_dropout,
+        )  # fmt: skip
         self.num_tasks = num_tasks
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         gate_options = dict(gate_hidden=gate_hidden, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm)

@@ -4,13 +4,15 @@
 kernels for shapes. Each op runs the Triton kernels or the plain-PyTorch reference as
 ``fused_gate/dispatch.py`` decides (as in docs/semantics.md): the kernels on CUDA tensors, and on CPU
 tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the
-first op call; setting it before ``import fused_gate`` is enough); the reference otherwise.
+first op call; setting it before ``import fused_gate`` is enough); the reference otherwise. float64
+inputs run the reference on every device (the kernels compute in float32), so ``model.double()`` works
+wherever the model runs.
 """
 
 import torch
 from torch import Tensor
 
-from fused_gate import dispatch, reference
+from fused_gate import reference
 from fused_gate._validation import validate_attention_mix, validate_softmax_mix
 from fused_gate.dispatch import fused_op, needs_reference
 
@@ -153,10 +155,11 @@ def attention_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p`` in ``h``'s dtype). Gradients flow to ``h``,
-        ``context`` and through ``p`` when it is returned. Under ``torch.func`` transforms and
-        forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same semantics).
+        ``context`` and through ``p`` when it is returned. With a float64 input, under ``torch.func``
+        transforms and forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same
+        semantics).
     """
-    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, kernel_path=dispatch.uses_kernels(h))
+    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, return_weights)
     if needs_reference(h, context):
         return reference.attention_mix(h, context, scale=scale, mask=mask, top_k=top_k, return_weights=return_weights)
     y, p, _ = _attention_mix_op(h, context, mask, scale, top_k, return_weights)
@@ -249,10 +252,10 @@ def softmax_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p [B, T, E]``); gradients flow to ``logits`` and ``h``.
-        Under ``torch.func`` transforms and forward-mode AD the op runs
+        With a float64 input, under ``torch.func`` transforms and forward-mode AD the op runs
         :func:`fused_gate.reference.softmax_mix` (same semantics).
     """
-    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=dispatch.uses_kernels(h))
+    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
     if needs_reference(logits, h):
         return reference.softmax_mix(
             logits, h, temperature=temperature, mask=mask, top_k=top_k, return_weights=return_weights

@@ -7,7 +7,7 @@ Math (``B`` rows, ``E`` experts, ``T`` tasks, ``D`` expert width)::
     allowed[b,t,e] = mask[t,e] (or mask[b,t,e]) and s[b,t,e] != -inf, then only the top_k best
     p[b,t,:] = softmax_e(s[b,t,:]) over the allowed experts   (none allowed: p = 0, Y = 0)
     Y[b,t,:] = sum_{e : p[b,t,e] != 0} p[b,t,e] * H[b,e,:]      Y : [B, T, D]
-    experts_mix:    H[b,e,:] = act(X[b,(e)] @ W[e] + bias[e]), then either gate on H (never rounded)
+    experts_mix:    H[b,e,:] = act(X[b,(e)] @ W[e] + bias[e]), rounded to X's dtype, then either gate on H
 
 Special values, the same in the kernels: a ``-inf`` score excludes its expert exactly like the mask;
 ``+inf`` or NaN among a (row, task)'s allowed scores make its whole ``p`` NaN (top-k always keeps a
@@ -254,7 +254,7 @@ def attention_mix(
         h, context, scale, mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`
             (float64 accepted too).
     """
-    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, kernel_path=False)
+    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, return_weights)
     y, p, _ = _AttentionMix.apply(h, context, scale, mask, top_k)
     return (y, p) if return_weights else y
 
@@ -357,7 +357,7 @@ def softmax_mix(
         logits, h, temperature, mask, top_k, return_weights: as in :func:`fused_gate.softmax_mix`
             (float64 accepted too).
     """
-    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=False)
+    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
     y, p, _ = _SoftmaxMix.apply(logits, h, temperature, mask, top_k)
     return (y, p) if return_weights else y
 
@@ -366,8 +366,11 @@ def softmax_mix(
 
 
 def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "relu") -> Tensor:
-    """The experts' last layer ``H[b,e] = act(X[b,(e)] @ W[e] + bias[e])`` as ``[B, E, D]``, computed in
-    float32 (float64 if an input is), not rounded to ``x``'s dtype.
+    """The experts' last layer ``H[b,e] = act(X[b,(e)] @ W[e] + bias[e])`` as ``[B, E, D]`` in ``x``'s dtype.
+
+    Computed in float32 (float64 if an input is), with ``X @ W + bias`` and ``H`` rounded to ``x``'s dtype
+    where the two-step path (a batched matmul, then the activation) stores them: values beyond a half
+    dtype's range become ``+-inf`` before the activation, as they do there.
 
     Args:
         x: ``[B, K]`` (every expert reads the same input) or ``[B, E, K]`` (one input per expert).
@@ -376,10 +379,10 @@ def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         activation: a name of :data:`fused_gate.activations.ACTIVATIONS`.
     """
     dtype = _compute_dtype(x, weight, bias)
-    h = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
+    z = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
     if bias is not None:
-        h = h + bias.to(dtype)
-    return ACTIVATIONS[activation].function(h)
+        z = z + bias.to(dtype)
+    return ACTIVATIONS[activation].function(z.to(x.dtype).to(dtype)).to(x.dtype)
 
 
 def experts_mix(
@@ -408,9 +411,9 @@ def experts_mix(
         ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
     """
     score_scale, top_k = validate_experts_mix(
-        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, kernel_path=False
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
     )
-    with torch.no_grad():
+    with torch.no_grad():  # H in x's dtype; the gates compute in float32 (float64 with a float64 input)
         h = experts_output(x, weight, bias, activation)
         if gate == "attention":
             y, p, _ = attention_mix_forward(h, context, score_scale, mask, top_k)

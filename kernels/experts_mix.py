@@ -3,7 +3,8 @@
 For every row ``b``, expert ``e`` and task ``t`` (``X [B, K]`` or ``[B, E, K]``, ``W [E, K, D]``,
 ``bias [E, D]``, ``Y [B, T, D]``)::
 
-    H[b,e,:]  = act(X[b,(e),:] @ W[e] + bias[e])      float32, recomputed in registers, never stored
+    H[b,e,:]  = act(X[b,(e),:] @ W[e] + bias[e])      float32, recomputed in registers, never stored;
+                                                       rounded to X's dtype where the two-step path stores it
     s[b,t,e]  = scale * <C[t], H[b,e]>                 (attention gate; C : [T, D] or [B, T, D])
     s[b,t,e]  = Z[b,t,e] / temperature                 (softmax gate; Z : [B, T, E] given)
     p[b,t,:]  = softmax_e(s[b,t,:]) over the allowed experts (mask, s != -inf, top-k; none -> 0)
@@ -79,20 +80,30 @@ from fused_gate.kernels.launch import (
 
 @triton.jit
 def _activate(h, ACTIVATION: tl.constexpr):
-    """``act(h)`` for an activation's kernel name (``fused_gate/activations.py``; ``"identity"``: ``h``).
-    Selects rather than max instructions, which would drop NaN where torch keeps it."""
+    """``act(h)`` for an activation's kernel name (``fused_gate/activations.py``; ``"identity"``: ``h``),
+    float32 to a few ulp over the whole range; ``+-inf`` map to the activation's limit (GELU and SiLU:
+    ``+inf`` and 0), NaN to NaN. Selects rather than max instructions, which would drop NaN where torch
+    keeps it."""
     if ACTIVATION == "relu":
         h = tl.where(h < 0.0, 0.0, h)
     elif ACTIVATION == "leaky_relu":
         h = tl.where(h < 0.0, 0.01 * h, h)  # torch's default negative slope
     elif ACTIVATION == "gelu":
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        h = tl.where(h == float("-inf"), 0.0, 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476)))
     elif ACTIVATION == "silu":
-        h = h * tl.sigmoid(h)
+        h = tl.where(h == float("-inf"), 0.0, h * tl.sigmoid(h))
     elif ACTIVATION == "sigmoid":
         h = tl.sigmoid(h)
     elif ACTIVATION == "tanh":
-        h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+        # (1 - e) / (1 + e) with e = exp(-2|h|) cancels as |h| -> 0 (2 * sigmoid(2h) - 1 likewise): below
+        # |h| = 0.4 the odd Taylor series to h^11 instead (each within 2.5e-7 relative there; NaN kept).
+        a = tl.abs(h)
+        e = tl.exp(-2.0 * a)
+        h2 = h * h
+        series = -17.0 / 315 + h2 * (62.0 / 2835 - h2 * (1382.0 / 155925))
+        series = a * (1.0 + h2 * (-1.0 / 3 + h2 * (2.0 / 15 + h2 * series)))
+        t = tl.where(a < 0.4, series, (1.0 - e) / (1.0 + e))
+        h = tl.where(h < 0.0, -t, t)
     return h
 
 
@@ -103,7 +114,9 @@ def _expert_chunk(layer, e, col, at, K, LAYER: tl.constexpr):
 
     ``layer`` is the operands ``(x, w, b)``, read as ``[B, E, K]``, ``[E, K, D]`` and ``[1, E, D]``;
     ``LAYER`` the constexprs ``(HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K)``. The K loop
-    steps the pointers (64-bit) so offsets inside stay below ``BLOCK_K``.
+    steps the pointers (64-bit) so offsets inside stay below ``BLOCK_K``. With a half-precision ``X``,
+    ``X @ W + bias`` and the result are rounded to its dtype in registers, as the two-step path stores
+    them (so both overflow to ``+-inf`` alike).
     """
     x, w, b = layer
     HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K = LAYER
@@ -127,7 +140,12 @@ def _expert_chunk(layer, e, col, at, K, LAYER: tl.constexpr):
     if HAS_BIAS:
         bias = b[0] + expert * b[2] + col * b[3]
         acc += tl.load(bias + offs_d * b[3], mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
+    storage = x[0].dtype.element_ty
+    if storage != tl.float32:
+        acc = acc.to(storage).to(tl.float32)
     h = _activate(acc, ACTIVATION)
+    if storage != tl.float32:
+        h = h.to(storage).to(tl.float32)
     return tl.where((r < B) & (offs_d[None, :] < D), h, 0.0)
 
 

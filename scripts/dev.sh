@@ -11,6 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+usage="usage: bash scripts/dev.sh {demo|test|bench|gpu|torchrec} [options]   (options: the command's own, e.g. demo --help)"
+cmd=${1:-test}
+case "$cmd" in
+  demo | test | bench | gpu | torchrec) shift || true ;;
+  -h | --help | help) echo "$usage"; exit 0 ;;
+  *) echo "dev.sh: unknown command '$cmd'; $usage" >&2; exit 2 ;;
+esac
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   if "$PY" -c 'import sys, torch; v = tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])); sys.exit(v < (2, 11))' 2>/dev/null; then
@@ -45,13 +53,10 @@ sys.exit(not all(map(u.find_spec, ('torch_rechub', 'deepctr_torch', 'requests', 
   fi
 fi
 
-cmd=${1:-test}
-shift || true
 case "$cmd" in
   demo) exec "$VPY" -m fused_gate.apps.demo "$@" ;;
   test) exec "$VPY" -m pytest tests -q -W ignore::DeprecationWarning "$@" ;;
   bench) exec "$VPY" -m bench.run "$@" ;;
   gpu) exec "$VPY" -m bench.campaign "$@" ;;
   torchrec) exec "$VPY" -m torch.distributed.run --standalone --nproc-per-node 2 -m fused_gate.apps.torchrec "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test|bench|gpu|torchrec} [options]" >&2; exit 2 ;;
 esac

@@ -417,11 +417,9 @@ def test_compile_with_symbolic_floats(device):
         (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=0), "num_levels"),
         (lambda: fg.MMoE(4, 2, (3, 0), 2), "expert_hidden must be an int >= 1"),
         (lambda: fg.PLE(4, 2, 1, 1, ()), "expert_hidden must be"),
-        (lambda: fg.MMoE(4, 2, 3, 2, gate="softmax", gate_hidden=(2.5,)), "gate_hidden must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, activation="softplus"), "activation must be one of"),
         (lambda: fg.MMoE(4, 2, 3, 2, dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
         (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden=(2,), tower_dropout=-0.1), "dropout must be"),
-        (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden="4"), "tower_hidden must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="attention", gate_hidden=(4,)), "attention gate has none"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, gate="attention", gate_batch_norm=True), "attention gate has none"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=2, shared_gate_experts="task"), "shared_gate_experts must be one"),
@@ -431,6 +429,48 @@ def test_compile_with_symbolic_floats(device):
 def test_rejects_bad_options(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    ("build", "exc", "match"),
+    [
+        # counts: type and range, and the kernels' limits, at construction rather than at the first forward
+        (lambda: fg.MMoE(0, 2, 3, 2), ValueError, "in_features must be >= 1, got 0"),
+        (lambda: fg.MMoE(5, 0, 4, 2), ValueError, r"num_experts must be in 1\.\.256, got 0"),
+        (lambda: fg.MMoE(5, 300, 4, 1), ValueError, r"num_experts must be in 1\.\.256, got 300"),
+        (lambda: fg.MMoE(5, 4, 4, 17), ValueError, r"num_tasks must be in 1\.\.16, got 17"),
+        (lambda: fg.MMoE(5, 4.0, 4, 2), TypeError, "num_experts must be an int, got float"),
+        (lambda: fg.MMoE("5", 4, 4, 2), TypeError, "in_features must be an int, got str"),
+        (lambda: fg.PLE(5, 2, 0, 0, 4), ValueError, "each level needs 1 to 256 experts"),
+        (lambda: fg.PLE(5, 2, 200, 30, 4), ValueError, "each level needs 1 to 256 experts"),
+        (lambda: fg.PLE(5, 2, -1, 1, 4), ValueError, "num_shared_experts must be >= 0, got -1"),
+        (lambda: fg.PLE(5, 16, 1, 1, 4, num_levels=2), ValueError, "num_tasks = 16 with num_levels = 2.*at most 16"),
+        (lambda: fg.PLE(5, 17, 1, 1, 4), ValueError, "num_tasks = 17"),
+        (lambda: fg.PLE(5, 2, 1, 1, 4, num_levels=1.5), TypeError, "num_levels must be an int"),
+        # flags: a string such as "no" is not taken as True
+        (lambda: fg.MMoE(5, 4, 4, 2, fused_experts="no"), TypeError, "fused_experts must be a bool, got str"),
+        (lambda: fg.PLE(5, 2, 1, 1, 4, batch_norm=1), TypeError, "batch_norm must be a bool, got int"),
+        (lambda: fg.MMoE(5, 4, 4, 2, gate="softmax", gate_bias="False"), TypeError, "gate_bias must be a bool"),
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_batch_norm="yes"), TypeError, "tower_batch_norm must be a bool"),
+        # names and probabilities, the tower options too even without towers
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_activation="softplus"), ValueError, "activation must be one of"),
+        (lambda: fg.MMoE(5, 4, 4, 2, activation=None), TypeError, "activation must be a name"),
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_dropout="0.1"), TypeError, "dropout must be a probability"),
+        (lambda: fg.MMoE(4, 2, 3, 2, gate="softmax", gate_hidden=(2.5,)), TypeError, "gate_hidden must be"),
+        (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden="4"), TypeError, "tower_hidden must be"),
+        (lambda: fg.AttentionMix(17, 4), ValueError, r"num_tasks must be in 1\.\.16"),
+        (lambda: fg.SoftmaxGate(4, 2, 300), ValueError, r"num_experts must be in 1\.\.256"),
+    ],
+)
+def test_constructors_name_every_bad_argument(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_largest_layers_within_the_limits_build():
+    fg.MMoE(3, 256, 2, 16)
+    fg.PLE(3, 15, 1, 1, 2, num_levels=2)
+    fg.PLE(3, 16, 0, 1, 2)
 
 
 def test_rejects_shared_gate_experts_of_wrong_type():

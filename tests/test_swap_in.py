@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import importlib.util
 import io
 import subprocess
@@ -250,10 +251,129 @@ def test_nothing_to_swap_returns_empty_and_warns():
         fused_gate.swap_in("model")
 
 
-def test_swap_in_twice_swaps_nothing_new():
-    _, swapped, _, _ = build("deepctr_ple", "cpu")
-    with pytest.warns(UserWarning, match="nothing swapped"):
+@pytest.mark.parametrize("name", ["deepctr_ple", "rechub_ple"])
+def test_swap_in_twice_says_the_layers_are_already_swapped(name):
+    _, swapped, names, _ = build(name, "cpu")
+    where = ", ".join(f"'{n}'" if n else "the model itself" for n in names)
+    with pytest.warns(UserWarning, match=f"nothing swapped, the layers it supports are already swapped: {where}$"):
         assert fused_gate.swap_in(swapped) == []
+
+
+def _subclass(name: str, base: type, **methods) -> type:
+    """A user's subclass of a library class, reachable by pickle as ``tests.test_swap_in.<name>``."""
+    cls = type(name, (base,), {"__module__": __name__, "__qualname__": name, **methods})
+    globals()[name] = cls
+    return cls
+
+
+def _library_class(name: str) -> type:
+    model, _ = MODELS[name][0]()
+    return type(model)
+
+
+def _as_subclass(name: str, subclass_of, **methods):
+    """A builder's model, its class replaced by a subclass (named after the test) of the library class."""
+    model, inputs = MODELS[name][0]()
+    model.__class__ = subclass_of(type(model), **methods)
+    return model, inputs
+
+
+def _keeps_forward(base: type) -> type:
+    return _subclass(f"Scored{base.__name__}", base, score=lambda self, x: self(x).sum(dim=1))
+
+
+def _overrides(base: type, method: str) -> type:
+    original = getattr(base, method)
+    return _subclass(f"Tweaked{base.__name__}", base, **{method: lambda self, *args: original(self, *args) * 0.5})
+
+
+@pytest.mark.parametrize("name", ["rechub_mmoe", "deepctr_mmoe", "deepctr_ple"])
+def test_a_subclass_that_keeps_the_forward_is_swapped_and_keeps_its_methods(name, device):
+    model, inputs = _as_subclass(name, _keeps_forward)
+    model.to(device).eval()
+    inputs = inputs_to(inputs, device)
+    swapped = copy.deepcopy(model)
+    assert fused_gate.swap_in(swapped) == [""]
+    assert isinstance(swapped, type(model)) and type(swapped).__name__ == f"Fused{type(model).__name__}"
+    assert_matches(swapped.score(inputs), model.score(inputs), torch.float32, "the subclass's own method")
+    buf = io.BytesIO()
+    torch.save(swapped, buf)  # the subclass's twin pickles as (library twin, subclass)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is type(swapped)
+    assert_matches(loaded(inputs), model(inputs), torch.float32, "saved and loaded")
+    to_fused = importlib.import_module(MODELS[name][1]).to_fused
+    assert_matches(to_fused(model).eval()(inputs), model(inputs), torch.float32, "to_fused of the subclass")
+
+
+OVERRIDES = {"rechub_mmoe": "forward", "deepctr_mmoe": "forward", "deepctr_ple": "cgc_net"}
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_a_subclass_that_overrides_the_forward_is_refused_by_both(name):
+    method = OVERRIDES[name]
+    model, _ = _as_subclass(name, functools.partial(_overrides, method=method))
+    cls, library = type(model), "torch-rechub" if name.startswith("rechub") else "DeepCTR-Torch"
+    why = f"{cls.__name__} is a subclass of {library} {cls.__mro__[1].__name__} that overrides {method}"
+    with pytest.warns(UserWarning) as caught:
+        assert fused_gate.swap_in(model) == []
+    messages = [str(w.message) for w in caught]
+    assert any(f"at the model itself left unchanged: {why}" in m for m in messages), messages
+    assert any("nothing swapped, every MMoE / PLE layer" in m for m in messages), messages
+    assert type(model) is cls
+    with pytest.raises(TypeError, match=f"cannot convert model: {why}"):
+        importlib.import_module(MODELS[name][1]).to_fused(model)
+
+
+@pytest.mark.parametrize("name", ["rechub_mmoe", "rechub_ple"])
+def test_hooks_on_the_gates_fire_as_in_the_original(name, gate_path, device):
+    """torch-rechub twins: a hook on a gate MLP, or one on its Softmax that changes the weights, fires and acts as
+    in the original (the twin runs the library's forward while such hooks are registered)."""
+    model, swapped, _, inputs = build(name, device)
+    results = []
+    for m in (model, swapped):
+        m.eval()
+        gates = [g for n, g in m.named_modules() if "gate" in n and type(g).__name__ == "MLP"]
+        calls = Counter()
+        handles = [g.register_forward_hook(lambda *args, calls=calls: calls.update(["mlp"])) for g in gates]
+        handles += [g.mlp[-2].register_forward_hook(lambda mod, args, out: out.flip(1)) for g in gates]
+        with torch.no_grad():
+            out = m(inputs)
+        results.append((out, calls["mlp"]))
+        for handle in handles:
+            handle.remove()
+        assert calls["mlp"] == len(gates) > 0
+    (out, calls), (out_s, calls_s) = results
+    assert calls_s == calls
+    assert_matches(out_s, out, torch.float32, f"{name} with hooks")
+    with torch.no_grad():  # hooks removed: the fused mix again
+        recorded = OpRecorder()
+        with recorded:
+            swapped(inputs)
+    assert recorded.counts[f"fused_gate::softmax_mix_v{SCHEMA_VERSION}"] == MODELS[name][2]
+
+
+@pytest.mark.parametrize("name", ["deepctr_mmoe", "deepctr_ple", "rechub_mmoe"])
+def test_swapped_model_runs_in_float64(name, gate_path, device):
+    """``model.double()`` works swapped as it does unswapped: float64 runs the reference, on every device."""
+    model, swapped, _, inputs = build(name, device)
+    model.double().eval()
+    swapped.double().eval()
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.double()
+    with torch.no_grad():
+        out, out_s = model(inputs), swapped(inputs)
+    assert out_s.dtype == torch.float64
+    torch.testing.assert_close(out_s, out)
+
+
+def test_swap_warns_about_a_model_the_library_cannot_run():
+    """DeepCTR-Torch's PLE builds specific_expert_num shared experts: with more shared ones it cannot run."""
+    model, inputs = MODELS["deepctr_ple"][0](per_task=1, shared=2)
+    with pytest.warns(UserWarning, match=r"PLE at the model itself swapped, but the library cannot run it: "):
+        assert fused_gate.swap_in(model) == [""]
+    with pytest.raises(IndexError):
+        model(inputs)
 
 
 def test_import_fused_gate_imports_neither_library():

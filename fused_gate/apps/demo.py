@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 import fused_gate as fg
+from fused_gate._validation import MAX_EXPERTS
+from fused_gate.apps.arguments import device, integer, real
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import Progress, train
 from fused_gate.layers import GATES
@@ -34,19 +36,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="the first correlation only, one seed: 2 trainings instead of 18"
     )
-    parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per correlation")
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-size", type=int, default=50000)
-    parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--input-dim", type=int, default=100)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--expert-hidden", type=int, default=16)
-    parser.add_argument("--tower-hidden", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--correlations", type=real(-1.0, 1.0), nargs="+", default=[0.5, 0.9, 1.0])
+    parser.add_argument("--seeds", type=integer(1), default=3, help="seeds per correlation")
+    parser.add_argument("--steps", type=integer(1), default=5000)
+    parser.add_argument("--batch-size", type=integer(1), default=128)
+    parser.add_argument("--train-size", type=integer(1), default=50000)
+    parser.add_argument("--test-size", type=integer(1), default=2000)
+    parser.add_argument("--input-dim", type=integer(2), default=100, help="at least 2 (two task directions)")
+    parser.add_argument("--experts", type=integer(1, MAX_EXPERTS), default=8)
+    parser.add_argument("--expert-hidden", type=integer(1), default=16)
+    parser.add_argument("--tower-hidden", type=integer(1), default=8)
+    parser.add_argument("--lr", type=real(0.0, low_open=True), default=1e-2)
+    parser.add_argument("--eval-every", type=integer(1), default=50)
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the loss-curve PNG")
     args = parser.parse_args(argv)
     if args.quick:
