@@ -73,7 +73,6 @@ from fused_gate.kernels.launch import (
     gate_operands,
     mix_outputs,
     operand,
-    output,
     row_blocks,
 )
 
@@ -217,8 +216,8 @@ def experts_mix_two_pass_kernel(
     b_ptr, stride_bb, stride_be, stride_bd,
     cz_ptr, stride_czb, stride_czt, stride_czx,
     mask_ptr, stride_mb, stride_mt, stride_me,
-    y_ptr, stride_yb, stride_yt,
-    p_ptr, stride_pb, stride_pt,
+    y_ptr, stride_yb, stride_yt, stride_yd,
+    p_ptr, stride_pb, stride_pt, stride_pe,
     B, E, K, D, scale, top_k,
     GATE: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
@@ -263,14 +262,14 @@ def experts_mix_two_pass_kernel(
     # the weights: the masked (top-k) softmax over experts, as in the two-step kernels
     p, _ = gate_weights(s * scale, (mask_ptr, stride_mb, stride_mt, stride_me), at, top_k, MASK, HAS_TOP_K)
     if RETURN_WEIGHTS:
-        store_gate_tile((p_ptr, stride_pb, stride_pt), p, at)
+        store_gate_tile((p_ptr, stride_pb, stride_pt, stride_pe), p, at)
 
     # pass 2: the mix, per D chunk
     for d0 in range(0, D, BLOCK_D):
         col = tl.cast(d0, tl.int64)
         chunk_at = chunk(at, d0)
         y = _mix_chunk(p, layer, col, chunk_at, K, GATE, LAYER)
-        store_mix_tile(output_column((y_ptr, stride_yb, stride_yt), col), y, chunk_at)
+        store_mix_tile(output_column((y_ptr, stride_yb, stride_yt, stride_yd), col), y, chunk_at)
 
 
 @triton.jit
@@ -280,8 +279,8 @@ def experts_mix_one_pass_kernel(
     b_ptr, stride_bb, stride_be, stride_bd,
     cz_ptr, stride_czb, stride_czt, stride_czx,
     mask_ptr, stride_mb, stride_mt, stride_me,
-    y_ptr, stride_yb, stride_yt,
-    p_ptr, stride_pb, stride_pt,
+    y_ptr, stride_yb, stride_yt, stride_yd,
+    p_ptr, stride_pb, stride_pt, stride_pe,
     B, E, K, D, scale, top_k,
     GATE: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
@@ -329,11 +328,11 @@ def experts_mix_one_pass_kernel(
     # epilogue: p and the NaN rows (an allowed +inf or NaN score) from all E scores, then Y
     p, _ = gate_weights(s * scale, mask, at, 0, MASK, False)
     if RETURN_WEIGHTS:
-        store_gate_tile((p_ptr, stride_pb, stride_pt), p, at)
+        store_gate_tile((p_ptr, stride_pb, stride_pt, stride_pe), p, at)
     y = tl.where(denom[:, :, None] > 0.0, acc / denom[:, :, None], 0.0)
     nan_row = tl.max(tl.where(p != p, 1, 0), axis=2) > 0
     y = tl.where(nan_row[:, :, None], float("nan"), y)
-    store_mix_tile((y_ptr, stride_yb, stride_yt), y, at)
+    store_mix_tile((y_ptr, stride_yb, stride_yt, stride_yd), y, at)
 
 
 def plan_experts_mix(
@@ -385,8 +384,8 @@ def plan_experts_mix(
         *operand(weight),
         *operand(bias, placeholder=weight),
         *gate_operands(cz, mask, placeholder=x),
-        *output(y),
-        *output(p, placeholder=y),
+        *operand(y),
+        *operand(p, placeholder=y),
         batch,
         experts,
         in_features,

@@ -54,7 +54,6 @@ from fused_gate.kernels.launch import (
     gate_operands,
     new_output,
     operand,
-    output,
 )
 
 
@@ -140,8 +139,8 @@ def gate_mix_bwd_kernel(
     mask_ptr, stride_mb, stride_mt, stride_me,
     g_ptr, stride_gb, stride_gt, stride_gd,
     gp_ptr, stride_gpb, stride_gpt, stride_gpe,
-    dh_ptr, stride_dhb, stride_dhe,
-    dcz_ptr, stride_dczb, stride_dczt,
+    dh_ptr, stride_dhb, stride_dhe, stride_dhd,
+    dcz_ptr, stride_dczb, stride_dczt, stride_dczx,
     ws_ptr,
     B, E, D, scale,
     GATE: tl.constexpr,
@@ -163,8 +162,8 @@ def gate_mix_bwd_kernel(
     mask = (mask_ptr, stride_mb, stride_mt, stride_me)
     g = (g_ptr, stride_gb, stride_gt, stride_gd)
     gp = (gp_ptr, stride_gpb, stride_gpt, stride_gpe)
-    dh = (dh_ptr, stride_dhb, stride_dhe)
-    dcz = (dcz_ptr, stride_dczb, stride_dczt)
+    dh = (dh_ptr, stride_dhb, stride_dhe, stride_dhd)
+    dcz = (dcz_ptr, stride_dczb, stride_dczt, stride_dczx)
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -276,8 +275,8 @@ def plan_backward(
         *gate_operands(cz, mask, placeholder=h),
         *operand(grad_y),
         *operand(grad_p, placeholder=grad_y),
-        *output(dh),
-        *output(dcz),
+        *operand(dh),
+        *operand(dcz),
         ws,
         batch,
         experts,

@@ -44,7 +44,6 @@ from fused_gate.kernels.launch import (
     gate_operands,
     mix_outputs,
     operand,
-    output,
     row_blocks,
 )
 
@@ -80,9 +79,9 @@ def gate_mix_fwd_kernel(
     h_ptr, stride_hb, stride_he, stride_hd,
     cz_ptr, stride_czb, stride_czt, stride_czx,
     mask_ptr, stride_mb, stride_mt, stride_me,
-    y_ptr, stride_yb, stride_yt,
-    p_ptr, stride_pb, stride_pt,
-    kept_ptr, stride_kb, stride_kt,
+    y_ptr, stride_yb, stride_yt, stride_yd,
+    p_ptr, stride_pb, stride_pt, stride_pe,
+    kept_ptr, stride_kb, stride_kt, stride_ke,
     B, E, D, scale, top_k,
     GATE: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
@@ -98,8 +97,8 @@ def gate_mix_fwd_kernel(
     SINGLE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """``cz`` is the context ``C`` (``GATE == "attention"``) or the logits ``Z``; see the module
-    docstring. Each input is a pointer and its ``[B, T, X]`` strides, each output (``y``, ``p``,
-    ``kept``) a pointer and its row and task strides (``kernels/launch.py``)."""
+    docstring. Each operand is a pointer and its ``[B, T, X]`` strides (``kernels/launch.py``); the
+    outputs ``y``, ``p`` and ``kept`` are written with a unit last stride."""
     h = (h_ptr, stride_hb, stride_he, stride_hd)
     cz = (cz_ptr, stride_czb, stride_czt, stride_czx)
     mask = (mask_ptr, stride_mb, stride_mt, stride_me)
@@ -126,9 +125,9 @@ def gate_mix_fwd_kernel(
     # stage 2: the weights, a masked (top-k) softmax over experts
     p, kept = gate_weights(s * scale, mask, at, top_k, MASK, HAS_TOP_K)
     if RETURN_WEIGHTS:
-        store_gate_tile((p_ptr, stride_pb, stride_pt), p, at)
+        store_gate_tile((p_ptr, stride_pb, stride_pt, stride_pe), p, at)
     if STORE_KEPT:
-        store_gate_tile((kept_ptr, stride_kb, stride_kt), kept, at)
+        store_gate_tile((kept_ptr, stride_kb, stride_kt, stride_ke), kept, at)
 
     # stage 3: the mix, Y[b,t] = sum_e p[b,t,e] H[b,e]; chunked, the second walk over this program's
     # rows of H hits L2 (they were just read).
@@ -136,7 +135,7 @@ def gate_mix_fwd_kernel(
         col = tl.cast(d0, tl.int64)
         chunk_at = chunk(at, d0)
         tile_d = tile if SINGLE_CHUNK else load_expert_tile(column(h, col), chunk_at)
-        _store_mix(output_column((y_ptr, stride_yb, stride_yt), col), tile_d, p, chunk_at, GATE)
+        _store_mix(output_column((y_ptr, stride_yb, stride_yt, stride_yd), col), tile_d, p, chunk_at, GATE)
 
 
 def plan_forward(
@@ -176,9 +175,9 @@ def plan_forward(
     args = (
         *operand(h),
         *gate_operands(cz, mask, placeholder=h),
-        *output(y),
-        *output(p, placeholder=y),
-        *output(as_uint8(kept), placeholder=y),
+        *operand(y),
+        *operand(p, placeholder=y),
+        *operand(as_uint8(kept), placeholder=y),
         batch,
         experts,
         dim,

@@ -7,7 +7,7 @@ gate tiles (per-(row, task, expert) scores and weights) ``[ROWS, BLOCK_T, BLOCK_
 Two tuples travel from a kernel into these helpers (``docs/kernels.md``, "Vocabulary"):
 
 - an **operand** ``(ptr, stride_b, stride_t, stride_x)``: a tensor read as ``[B, T, X]`` (``H`` as
-  ``[B, E, D]``); an output ``(ptr, stride_b, stride_t)`` is written with a unit last stride. Kernels
+  ``[B, E, D]``); an output (allocated contiguous) is written with a unit last stride. Kernels
   move ``ptr`` to the D chunk (:func:`column`, :func:`output_column`) or the task they work on, so
   offsets inside stay small.
 - **at** ``(rows, offs_t, offs_e, offs_d, B, T, E, D)``: the program's rows (64-bit) and its task,
@@ -35,7 +35,7 @@ def column(x, col):
 @triton.jit
 def output_column(x, col):
     """Output ``x`` (unit last stride) moved to column ``col`` (a 64-bit scalar) of its last axis."""
-    return (x[0] + col, x[1], x[2])
+    return (x[0] + col, x[1], x[2], x[3])
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def load_expert_tile(x, at):
 @triton.jit
 def store_expert_tile(x, value, at):
     """``X[rows, e, d] = value`` for the output ``x``, cast to its dtype."""
-    ptr, stride_b, stride_e = x
+    ptr, stride_b, stride_e, _ = x
     rows, _, offs_e, offs_d, B, _, E, D = at
     r = rows[:, None, None]
     e = offs_e.to(tl.int64)[None, :, None]
@@ -127,7 +127,7 @@ def load_gate_tile(x, at):
 @triton.jit
 def store_rows_tasks(x, value, rows, offs_t, offs_x, B, T, X):
     """``X[rows, t, x] = value`` (``[ROWS, BLOCK_T, BLOCK_X]``) for a ``[B, T, X]`` output ``x``."""
-    ptr, stride_b, stride_t = x
+    ptr, stride_b, stride_t, _ = x
     r = rows[:, None, None]
     t = offs_t.to(tl.int64)[None, :, None]
     c = offs_x.to(tl.int64)[None, None, :]

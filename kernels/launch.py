@@ -13,8 +13,8 @@ Every plan takes the same steps:
    allocated ``zeroed``.
 2. **tile**: the launch configuration, from the cached heuristic of ``kernels/config.py`` (or the
    caller's, for ``bench/tune.py``).
-3. **arguments**, in the kernel's parameter order: each tensor as a group of its pointer and strides,
-   an input by :func:`operand` (its strides read as ``[B, T, X]``), an output by :func:`output` (written
+3. **arguments**, in the kernel's parameter order: each tensor, input or output, as the group of its
+   pointer and strides read as ``[B, T, X]`` (:func:`operand`; an output, allocated contiguous, is written
    with a unit last stride); then the sizes and scalars. The gate's operands and meta are the same in
    every family: :func:`gate_operands`, :func:`gate_meta`.
 4. **meta**: the gate's constexprs, the tile's (``TileConfig.meta``, ``ExpertsMixConfig.meta``) and the
@@ -94,15 +94,13 @@ def row_strides(x: Tensor | None) -> tuple[int, int, int]:
 
 
 def operand(x: Tensor | None, placeholder: Tensor | None = None) -> tuple:
-    """An input as the kernel arguments of its group: its pointer, then its strides read as ``[B, T, X]``
-    (:func:`row_strides`). An absent input passes ``placeholder`` (never dereferenced) and zeros."""
+    """A tensor as the kernel arguments of its group: its pointer, then its strides read as ``[B, T, X]``
+    (:func:`row_strides`). An absent tensor passes ``placeholder`` (never dereferenced) and zeros.
+
+    Outputs are groups of four too, though kernels write them with a unit last stride: the same
+    parameters in every kernel, and the compiled code of a group does not depend on its use.
+    """
     return (x if x is not None else placeholder, *row_strides(x))
-
-
-def output(x: Tensor | None, placeholder: Tensor | None = None) -> tuple:
-    """An output ``[B, T, X]`` (contiguous, from :func:`new_output`) as its pointer, row and task strides;
-    kernels write it with a unit last stride. An absent output passes ``placeholder`` and zeros."""
-    return operand(x, placeholder)[:3]
 
 
 def mask_kind(mask: Tensor | None) -> str:
