@@ -24,18 +24,28 @@ def uses_kernels(x: object) -> bool:
     return isinstance(x, Tensor) and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED))
 
 
-def _needs_reference(*tensors: Tensor) -> bool:
-    """True under ``torch.func`` transforms or with forward-mode (dual) inputs.
+def _reference_call(h: Tensor, *tensors: Tensor) -> bool | None:
+    """Whether the op calls the reference's ``autograd.Function`` instead of the custom op, and how.
 
-    The custom ops define a backward only; the reference is a plain-PyTorch ``autograd.Function``
-    with closed-form backward, forward-mode and vmap rules, so it serves these callers exactly.
+    - ``False``, under ``torch.func`` transforms or with forward-mode (dual) inputs: the custom ops
+      define a backward only; the reference has closed-form backward, forward-mode and vmap rules, and
+      serves higher-order gradients too.
+    - ``True``, in eager mode where the reference is the op (``h`` on a CPU without ``TRITON_INTERPRET``):
+      the custom op would run the same reference behind its dispatch boundary and recompute the weights
+      in its backward; the reference's function saves them. First order only (``True``), as the kernels.
+    - None otherwise: the custom op (compiling, exporting or tracing keep it, one node).
     """
     if torch.compiler.is_compiling():
-        return False
+        return None
     if torch._C._are_functorch_transforms_active():
+        return False
+    if not uses_kernels(h) and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0:
         return True
     # Dual tensors exist only inside a dual level; outside one (every ordinary call) skip the unpacking.
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    tensors = (h, *tensors)
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return False
+    return None
 
 
 def _no_weights(h: Tensor) -> Tensor:
@@ -62,10 +72,7 @@ def _grad_weights(grad_p: Tensor | None) -> Tensor | None:
 
 
 def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fused_gate ops do not support double backward (create_graph=True through the gate); "
-        "use fused_gate.reference for higher-order gradients"
-    )
+    raise RuntimeError(reference.DOUBLE_BACKWARD_REFUSED)
 
 
 # ---------------------------------------------------------------------------- attention_mix
@@ -153,12 +160,15 @@ def attention_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p`` in ``h``'s dtype). Gradients flow to ``h``,
-        ``context`` and through ``p`` when it is returned. Under ``torch.func`` transforms and
-        forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same semantics).
+        ``context`` and through ``p`` when it is returned. Under ``torch.func`` transforms, with
+        forward-mode AD and in eager mode on a CPU without ``TRITON_INTERPRET`` the op runs
+        :func:`fused_gate.reference.attention_mix` (same semantics).
     """
     scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=uses_kernels(h))
-    if _needs_reference(h, context):
-        return reference.attention_mix(h, context, scale=scale, mask=mask, top_k=top_k, return_weights=return_weights)
+    first_order = _reference_call(h, context)
+    if first_order is not None:
+        y, p = reference.attention_mix_function(h, context, scale, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _attention_mix_op(h, context, mask, scale, top_k, return_weights)
     return (y, p) if return_weights else y
 
@@ -248,13 +258,13 @@ def softmax_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p [B, T, E]``); gradients flow to ``logits`` and ``h``.
-        Under ``torch.func`` transforms and forward-mode AD the op runs
-        :func:`fused_gate.reference.softmax_mix` (same semantics).
+        Under ``torch.func`` transforms, with forward-mode AD and in eager mode on a CPU without
+        ``TRITON_INTERPRET`` the op runs :func:`fused_gate.reference.softmax_mix` (same semantics).
     """
     temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=uses_kernels(h))
-    if _needs_reference(logits, h):
-        return reference.softmax_mix(
-            logits, h, temperature=temperature, mask=mask, top_k=top_k, return_weights=return_weights
-        )
+    first_order = _reference_call(h, logits)
+    if first_order is not None:
+        y, p = reference.softmax_mix_function(logits, h, temperature, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _softmax_mix_op(logits, h, mask, temperature, top_k, return_weights)
     return (y, p) if return_weights else y
