@@ -16,12 +16,13 @@ from torch import Tensor
 from fused_gate import reference
 from fused_gate._checks import check_experts_mix
 from fused_gate.kernels.experts_mix import experts_mix_forward
+from fused_gate.op_names import op_name
 from fused_gate.ops import uses_kernels
 
 __all__ = ["experts_mix"]
 
 
-@torch.library.custom_op("fused_gate::experts_mix", mutates_args=())
+@torch.library.custom_op(op_name("experts_mix"), mutates_args=())
 def _experts_mix_op(
     x: Tensor,
     weight: Tensor,

@@ -23,6 +23,17 @@ from fused_gate.gates import AttentionMix, SoftmaxGate
 from fused_gate.ops import uses_kernels
 
 GATES = ("attention", "softmax")
+SHARED_GATE_EXPERTS = ("all", "shared")
+
+
+def _validate_shared_gate_experts(value: object, num_shared_experts: int, shared_gate: bool) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"shared_gate_experts must be a str, one of {SHARED_GATE_EXPERTS}, got {type(value).__name__}")
+    if value not in SHARED_GATE_EXPERTS:
+        raise ValueError(f"shared_gate_experts must be one of {SHARED_GATE_EXPERTS}, got {value!r}")
+    if value == "shared" and shared_gate and num_shared_experts < 1:
+        raise ValueError("shared_gate_experts='shared' needs num_shared_experts >= 1 (the shared gate mixes them)")
+    return value
 
 
 def _make_gate(
@@ -215,10 +226,12 @@ class CGCLevel(nn.Module):
     """One Customized Gate Control level: S shared experts plus K experts per task.
 
     Input ``[B, T + 1, in]`` (one input per task, then the shared input); output ``[B, G, D]`` with
-    ``G = T + 1`` when the level feeds another one (its last gate mixes every expert for the shared
-    path) and ``G = T`` for the last level. The experts are ordered ``[S shared, task 0's K, ..., task
-    T-1's K]``; gate g reads input g, and task t's gate may use the shared experts and its own (the
-    gate mask). The expert and gate options are :class:`MMoE`'s.
+    ``G = T + 1`` when the level feeds another one (its last gate, the shared gate, mixes the experts
+    that ``shared_gate_experts`` names for the shared path) and ``G = T`` for the last level. The experts
+    are ordered ``[S shared, task 0's K, ..., task T-1's K]``; gate g reads input g, and task t's gate may
+    use the shared experts and its own (the gate mask). ``shared_gate_experts``: ``"all"`` (every expert,
+    as in the PLE paper, torch-rechub and DeepCTR-Torch) or ``"shared"`` (the S shared experts only, as in
+    FuxiCTR). The expert and gate options are :class:`MMoE`'s.
     """
 
     def __init__(
@@ -230,6 +243,7 @@ class CGCLevel(nn.Module):
         expert_hidden: int | Sequence[int],
         *,
         shared_gate: bool,
+        shared_gate_experts: str = "all",
         gate: str = "attention",
         top_k: int | None = None,
         activation: str = "relu",
@@ -241,6 +255,7 @@ class CGCLevel(nn.Module):
         fused_experts: bool = True,
     ) -> None:
         super().__init__()
+        self.shared_gate_experts = _validate_shared_gate_experts(shared_gate_experts, num_shared_experts, shared_gate)
         self.fused_experts = fused_experts
         num_experts = num_shared_experts + num_tasks * num_task_experts
         top_k = validate_top_k(top_k, num_experts)
@@ -252,7 +267,7 @@ class CGCLevel(nn.Module):
         for t in range(num_tasks):
             mask[t] = (self.group == num_tasks) | (self.group == t)
         if shared_gate:
-            mask[num_tasks] = True
+            mask[num_tasks] = True if shared_gate_experts == "all" else self.group == num_tasks
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         expert_hidden = validate_widths("expert_hidden", expert_hidden)
         self.experts = Experts(in_features, num_experts, expert_hidden, **options)
@@ -283,9 +298,10 @@ class PLE(nn.Module):
 
     Each level has ``num_shared_experts`` experts that every task's gate may use and
     ``num_task_experts`` experts per task that only that task's gate may use (a gate mask). Every level
-    but the last also has a shared gate over all its experts, whose output is the next level's shared
-    input; task t's gate output is the next level's input for task t's experts. Every level has its own
-    experts and gates, built with the same options.
+    but the last also has a shared gate, over all its experts or only its shared ones
+    (``shared_gate_experts``), whose output is the next level's shared input; task t's gate output is the
+    next level's input for task t's experts. Every level has its own experts and gates, built with the
+    same options.
 
     Args:
         in_features: width of the input ``x`` (the first level's input for every expert).
@@ -295,6 +311,8 @@ class PLE(nn.Module):
         expert_hidden: the experts' widths (an int for one layer); the last one, D, is the input width
             of the levels after the first.
         num_levels: number of stacked CGC levels.
+        shared_gate_experts: the experts a non-final level's shared gate mixes: ``"all"`` (the PLE paper's,
+            torch-rechub's and DeepCTR-Torch's layout) or ``"shared"`` (only the shared experts, FuxiCTR's).
         gate: ``"attention"`` or ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input), as in
             :class:`MMoE`.
         top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
@@ -314,6 +332,7 @@ class PLE(nn.Module):
         expert_hidden: int | Sequence[int],
         *,
         num_levels: int = 1,
+        shared_gate_experts: str = "all",
         gate: str = "attention",
         top_k: int | None = None,
         tower_hidden: int | Sequence[int] | None = None,
@@ -345,6 +364,7 @@ class PLE(nn.Module):
                 num_task_experts,
                 expert_hidden,
                 shared_gate=level < num_levels - 1,
+                shared_gate_experts=shared_gate_experts,
                 gate=gate,
                 top_k=top_k,
                 fused_experts=fused_experts,

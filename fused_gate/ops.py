@@ -1,9 +1,9 @@
 """The fused gate ops, registered with ``torch.library`` (fake kernels + autograd).
 
 ``torch.compile(fullgraph=True)`` sees each op as one node (no graph break) and uses the fake
-kernels for shapes. Dispatch (as in the README): CUDA tensors run the Triton kernels; CPU tensors run
-the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import,
-and the plain-PyTorch reference otherwise.
+kernels for shapes. Dispatch (as in docs/semantics.md): CUDA tensors run the Triton kernels; CPU
+tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+import, and the plain-PyTorch reference otherwise.
 """
 
 import torch
@@ -15,6 +15,7 @@ from fused_gate._checks import check_attention_mix, check_softmax_mix
 from fused_gate.kernels import INTERPRETED
 from fused_gate.kernels.gate_mix_bwd import gate_mix_backward
 from fused_gate.kernels.gate_mix_fwd import gate_mix_forward
+from fused_gate.op_names import op_name
 
 __all__ = ["attention_mix", "softmax_mix", "uses_kernels"]
 
@@ -78,7 +79,7 @@ def _refuse_double_backward(ctx, *grads):
 # ---------------------------------------------------------------------------- attention_mix
 
 
-@torch.library.custom_op("fused_gate::attention_mix", mutates_args=())
+@torch.library.custom_op(op_name("attention_mix"), mutates_args=())
 def _attention_mix_op(
     h: Tensor, context: Tensor, mask: Tensor | None, scale: float, top_k: int | None, return_weights: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,7 +102,7 @@ def _(h, context, mask, scale, top_k, return_weights):
     return h.new_empty((batch, tasks, dim)), p, kept
 
 
-@torch.library.custom_op("fused_gate::attention_mix_backward", mutates_args=())
+@torch.library.custom_op(op_name("attention_mix_backward"), mutates_args=())
 def _attention_mix_backward_op(
     grad_y: Tensor,
     grad_p: Tensor | None,
@@ -176,7 +177,7 @@ def attention_mix(
 # ---------------------------------------------------------------------------- softmax_mix
 
 
-@torch.library.custom_op("fused_gate::softmax_mix", mutates_args=())
+@torch.library.custom_op(op_name("softmax_mix"), mutates_args=())
 def _softmax_mix_op(
     logits: Tensor,
     h: Tensor,
@@ -203,7 +204,7 @@ def _(logits, h, mask, temperature, top_k, return_weights):
     return h.new_empty((batch, logits.shape[1], dim)), p, kept
 
 
-@torch.library.custom_op("fused_gate::softmax_mix_backward", mutates_args=())
+@torch.library.custom_op(op_name("softmax_mix_backward"), mutates_args=())
 def _softmax_mix_backward_op(
     grad_y: Tensor,
     grad_p: Tensor | None,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set-up-to-result commands for a fresh clone (the README's commands, and what CI runs):
+# Set-up-to-result commands for a fresh clone (the commands of the README and docs/benchmarks.md, and what CI runs):
 #   bash scripts/dev.sh demo [demo options]    train MMoE with the softmax gate and the attention gate
 #   bash scripts/dev.sh test [pytest options]  the whole test suite (real kernels; interpreted without a GPU)
+#   bash scripts/dev.sh torchrec [app options] the TorchRec app on 2 processes (python -m fused_gate.apps.torchrec)
 #   bash scripts/dev.sh bench [bench options]  the benchmark suite and its report under bench/results/
 #   bash scripts/dev.sh gpu [OUTDIR] [--dry-run] on a GPU machine: tests, bench, tuning, traffic; a few files in OUTDIR
 # Creates ./.venv on first use. An interpreter that already has torch >= 2.11 (a GPU machine, maybe
@@ -33,8 +34,14 @@ else
   fi
   # The integrations are looked up, not imported: importing deepctr_torch queries PyPI from a thread.
   if ! "$VPY" -c "import fused_gate, pytest, hypothesis, pytest_benchmark, matplotlib, importlib.util as u, sys
-sys.exit(not all(map(u.find_spec, ('torch_rechub', 'deepctr_torch', 'requests'))))" 2>/dev/null; then
-    "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench,integrations]"
+sys.exit(not all(map(u.find_spec, ('torch_rechub', 'deepctr_torch', 'requests', 'tensordict', 'torchmetrics', 'pyre_extensions'))))" 2>/dev/null; then
+    "$VPY" -m pip install -q --no-build-isolation -e ".[test,bench,integrations,torchrec]"
+  fi
+  # TorchRec (fused_gate.apps.torchrec and its test) and fbgemm's CPU build, without their dependencies:
+  # torchrec declares fbgemm-gpu, the CUDA build, which would replace the CPU one (the torchrec extra above
+  # brings TorchRec's other dependencies).
+  if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torchrec', 'fbgemm_gpu'))))" 2>/dev/null; then
+    "$VPY" -m pip install -q --no-deps "torchrec==1.8.0" "fbgemm-gpu-cpu==1.8.0"
   fi
 fi
 
@@ -45,5 +52,6 @@ case "$cmd" in
   test) exec "$VPY" -m pytest tests -q -W ignore::DeprecationWarning "$@" ;;
   bench) exec "$VPY" -m bench.run "$@" ;;
   gpu) exec "$VPY" -m bench.campaign "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test|bench|gpu} [options]" >&2; exit 2 ;;
+  torchrec) exec "$VPY" -m torch.distributed.run --standalone --nproc-per-node 2 -m fused_gate.apps.torchrec "$@" ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|bench|gpu|torchrec} [options]" >&2; exit 2 ;;
 esac

@@ -15,9 +15,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fused_gate as fg
 import fused_gate.ops
 from fused_gate.experts import BatchedDense, BatchedMLP, Experts
+from fused_gate.kernels import experts_mix, gate_mix_fwd
 from fused_gate.layers import CGCLevel
 
 from .conftest import assert_matches
+from .test_attention_mix import LaunchCounter
 
 ACTIVATION_TWINS = {
     "relu": lambda y: y.clamp_min(0),
@@ -76,16 +78,17 @@ class Twin:
             xs = self.dense(layer, xs)
         return xs
 
-    def gate(self, gate, xs, h):
-        """``xs``: one input per gate; ``h [B, E, D]``."""
+    def gate(self, gate, xs, h, mask=None):
+        """``xs``: one input per gate; ``h [B, E, D]``; ``mask``: the experts each gate mixes (default the gate's)."""
+        mask = gate.mask if mask is None else mask
         if isinstance(gate, fg.AttentionMix):
-            return fg.reference.attention_mix(h, gate.context.double(), mask=gate.mask, top_k=gate.top_k)
+            return fg.reference.attention_mix(h, gate.context.double(), mask=mask, top_k=gate.top_k)
         z = self.linear(gate.linear, self.mlp(gate.dnn, xs) if gate.dnn is not None else xs)
         if gate.batch_norm is not None:
             e = gate.num_experts
             z = [self.batch_norm(gate.batch_norm, slice(g * e, (g + 1) * e), y) for g, y in enumerate(z)]
         logits = torch.stack(z, dim=1)
-        return fg.reference.softmax_mix(logits, h, mask=gate.mask, top_k=gate.top_k, temperature=gate.temperature)
+        return fg.reference.softmax_mix(logits, h, mask=mask, top_k=gate.top_k, temperature=gate.temperature)
 
     def towers(self, towers, y):
         zs = list(y.unbind(1))
@@ -101,14 +104,24 @@ class Twin:
         y = self.gate(model.gate, [x] * model.num_tasks, h)
         return self.towers(model.towers, y) if model.towers is not None else y
 
-    def cgc(self, level: CGCLevel, inputs):
+    @staticmethod
+    def cgc_mask(level: CGCLevel, num_tasks: int, shared_gate: bool):
+        """The CGC layout written out: task t's gate mixes the shared experts (those reading input T) and t's
+        own; the shared gate every expert, or only the shared ones with ``shared_gate_experts="shared"``."""
+        rows = [[g in (t, num_tasks) for g in level.group.tolist()] for t in range(num_tasks)]
+        if shared_gate:
+            rows.append([level.shared_gate_experts == "all" or g == num_tasks for g in level.group.tolist()])
+        return torch.tensor(rows)
+
+    def cgc(self, level: CGCLevel, inputs, num_tasks: int, shared_gate: bool):
         h = self.experts(level.experts, [inputs[:, g] for g in level.group.tolist()])
-        return self.gate(level.gate, [inputs[:, g] for g in range(level.num_gates)], h)
+        mask = self.cgc_mask(level, num_tasks, shared_gate).to(h.device)
+        return self.gate(level.gate, [inputs[:, g] for g in range(num_tasks + shared_gate)], h, mask)
 
     def ple(self, model: fg.PLE, x):
         out = x[:, None, :].expand(x.shape[0], model.num_tasks + 1, x.shape[1])
-        for level in model.levels:
-            out = self.cgc(level, out)
+        for i, level in enumerate(model.levels):
+            out = self.cgc(level, out, model.num_tasks, shared_gate=i < len(model.levels) - 1)
         return self.towers(model.towers, out) if model.towers is not None else out
 
 
@@ -308,6 +321,39 @@ def test_cgc_mask_gives_each_task_shared_and_own_experts():
     assert torch.equal(level.gate.mask, expected)
 
 
+def test_cgc_shared_gate_over_shared_experts_only():
+    level = fg.PLE(4, 3, 2, 1, 5, num_levels=2, shared_gate_experts="shared").levels[0]
+    assert torch.equal(level.gate.mask[3], torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool))
+    assert torch.equal(level.gate.mask[:3], fg.PLE(4, 3, 2, 1, 5, num_levels=2).levels[0].gate.mask[:3])
+
+
+@pytest.mark.parametrize("gate", ["attention", "softmax"])
+def test_ple_shared_gate_experts_matches_twin(gate, gate_path, monkeypatch, device):
+    """``shared_gate_experts="shared"`` in training, in eval with autograd (two steps), and in inference, where
+    each level runs as one ``experts_mix`` kernel on the kernels' path."""
+    torch.manual_seed(0)
+    model = fg.PLE(10, 2, 2, 1, (6, 5), num_levels=3, gate=gate, shared_gate_experts="shared", tower_hidden=3)
+    model = model.to(device)
+    _randomize_batch_norms(model)
+    x = torch.randn(6, 10, device=device)
+    for training in (True, False):
+        compare(model, "ple", x, training=training)
+    launches = LaunchCounter(monkeypatch, experts_mix.experts_mix_kernel, gate_mix_fwd.gate_mix_fwd_kernel)
+    with torch.no_grad():
+        out = model(x)
+        want = Twin(model, training=False).ple(model, x.double())
+    assert_matches(out, want, torch.float32, "inference")
+    assert launches.counts == {"experts_mix_kernel": 3, "gate_mix_fwd_kernel": 0}
+    all_experts = fg.PLE(10, 2, 2, 1, (6, 5), num_levels=3, gate=gate, tower_hidden=3).to(device).eval()
+    weights = {name: value for name, value in model.state_dict().items() if not name.endswith(".mask")}
+    all_experts.load_state_dict(weights, strict=False)  # the gate masks are buffers: each model keeps its own
+    inputs = x[:, None, :].expand(6, 3, 10)
+    with torch.no_grad():  # the layouts differ in the first level's shared path only
+        shared_only, every = model.levels[0](inputs), all_experts.levels[0](inputs)
+    torch.testing.assert_close(shared_only[:, :2], every[:, :2])
+    assert not torch.allclose(shared_only[:, 2], every[:, 2])
+
+
 def test_one_gate_call_for_both_kinds(device):
     """``gate.mix(x, h)`` is the layers' only gate call: AttentionMix ignores x, SoftmaxGate reads it."""
     torch.manual_seed(0)
@@ -372,11 +418,18 @@ def test_compile_with_symbolic_floats(device):
         (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden="4"), "tower_hidden must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="attention", gate_hidden=(4,)), "attention gate has none"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, gate="attention", gate_batch_norm=True), "attention gate has none"),
+        (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=2, shared_gate_experts="task"), "shared_gate_experts must be one"),
+        (lambda: fg.PLE(4, 2, 0, 1, 3, num_levels=2, shared_gate_experts="shared"), "num_shared_experts >= 1"),
     ],
 )
 def test_rejects_bad_options(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_rejects_shared_gate_experts_of_wrong_type():
+    with pytest.raises(TypeError, match="shared_gate_experts must be a str"):
+        CGCLevel(4, 2, 1, 1, 3, shared_gate=True, shared_gate_experts=True)
 
 
 def test_softmax_gate_rejects_wrong_input_shape():

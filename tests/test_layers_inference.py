@@ -30,6 +30,7 @@ CONFIGS = {
     ),
     "ple_attention": ("ple", dict(gate="attention", num_levels=2, tower_hidden=3)),
     "ple_softmax_deep": ("ple", dict(gate="softmax", num_levels=2, expert_hidden=(7, 5), activation="sigmoid")),
+    "ple_shared_gate_over_shared": ("ple", dict(gate="attention", num_levels=2, shared_gate_experts="shared")),
 }
 
 

@@ -25,6 +25,7 @@ import fused_gate
 import fused_gate.ops
 from bench.swap_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
 from fused_gate.integrations import _gates
+from fused_gate.op_names import SCHEMA_VERSION
 
 from .conftest import assert_matches
 
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix``, ``aten::_softmax``)
+    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix_v1``, ``aten::_softmax``)
     and keeps the outputs of ``aten::_softmax`` (the gate weights of an unswapped model)."""
 
     def __init__(self):
@@ -117,8 +118,8 @@ def test_swapped_step_matches_original(name, train, gate_path, device):
     fused = OpRecorder()
     with fused:
         training_step(copy.deepcopy(swapped), inputs)
-    assert fused.counts["fused_gate::softmax_mix"] == levels, fused.counts
-    assert fused.counts["fused_gate::softmax_mix_backward"] == levels
+    assert fused.counts[f"fused_gate::softmax_mix_v{SCHEMA_VERSION}"] == levels, fused.counts
+    assert fused.counts[f"fused_gate::softmax_mix_backward_v{SCHEMA_VERSION}"] == levels
     assert fused.counts["aten::_softmax"] == 0
     assert launches == ({"forward": levels, "backward": levels} if path == "kernels" else {"forward": 0, "backward": 0})
 
