@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from fused_gate._checks import check_attention_mix, check_experts_mix, check_softmax_mix
@@ -237,7 +238,14 @@ def _old_style(function: type[torch.autograd.Function]) -> type[torch.autograd.F
 
 
 def _apply(function: type[torch.autograd.Function], old_style: type[torch.autograd.Function], *args):
-    return (function if torch._C._are_functorch_transforms_active() else old_style).apply(*args)
+    """``function.apply(*args)``; without anything to differentiate (inference), its forward alone."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    if forward_ad._current_level < 0 and not (
+        torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    ):
+        return function.forward(*args)
+    return old_style.apply(*args)
 
 
 DOUBLE_BACKWARD_REFUSED = (
