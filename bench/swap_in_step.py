@@ -1,41 +1,37 @@
-"""Time one training step of torch-rechub / DeepCTR-Torch MMOE and PLE, original vs ``fused_gate.swap_in``.
+"""Time torch-rechub / DeepCTR-Torch MMOE and PLE, original against ``swap_in``: training step and inference.
 
-    TRITON_INTERPRET=0 python -m bench.swap_in_step [--batch 1024] [--experts 8] [--hidden 64] [--tasks 3] [--threads N]
+    TRITON_INTERPRET=0 python -m bench.swap_in_step [--batch 256,1024,8192] [--modes train,infer] [--threads N]
 
-A step is forward, a weighted sum of the outputs, backward and an SGD update, in train mode (dropout
-and BatchNorm active). PLE has 2 levels of ``--experts`` experts each (2 shared, the rest split over the
-tasks). Each model is timed in alternating rounds with its swapped copy, and the table gives the median
-per step and ``original / swapped``.
+A training step is forward, a weighted sum of the outputs, backward and an SGD update, in train mode
+(dropout and BatchNorm active); inference is a forward in eval mode under ``torch.no_grad()``. PLE has 2
+levels of ``--experts`` experts each (2 shared, the rest split over the tasks). Each model is timed
+against its swapped copy in interleaved rounds (``bench.interleaved``): the table gives the median time
+of each and the median per-round ratio ``original / swapped`` with its quartiles, so load from other
+processes shows as spread rather than as a bias.
 
-On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s reference fallback, so the
-ratio measures only the per-gate Python loop and the extra ops the swap removes, not the kernels.
-Importing ``bench`` sets ``TRITON_INTERPRET=1`` on a machine without a GPU: then the Triton interpreter
-runs and the times mean nothing, which the output says.
+On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s CPU fallback (the reference,
+plain PyTorch), so the ratio measures that fallback against the libraries' per-task loops, not the
+kernels. Importing ``bench`` sets ``TRITON_INTERPRET=1`` on a machine without a GPU: then the Triton
+interpreter runs and the times mean nothing, which the output says.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import fused_gate
+from bench.interleaved import compare, load_average, machine_line, ratio_cell
 from bench.swap_models import MODELS, inputs_to
 from fused_gate.kernels import INTERPRETED
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+MODES = ("train", "infer")
 
 
-def _step_fn(model: torch.nn.Module, inputs):
+def _step_fn(model: torch.nn.Module, inputs) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     probe = model(inputs)
     weights = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0)).to(probe.device)
@@ -48,22 +44,12 @@ def _step_fn(model: torch.nn.Module, inputs):
     return step
 
 
-def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int, warmup: int) -> tuple[float, float]:
-    """Median seconds per step of each model, timed in alternating rounds of ``steps`` steps."""
-    calls = [_step_fn(original, inputs), _step_fn(swapped, inputs)]
-    times: list[list[float]] = [[], []]
-    for call in calls:
-        for _ in range(warmup):
-            call()
-    for _ in range(rounds):
-        for call, sink in zip(calls, times, strict=True):
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                call()
-            _sync(device)
-            sink.append((time.perf_counter() - start) / steps)
-    return statistics.median(times[0]), statistics.median(times[1])
+def _inference_fn(model: torch.nn.Module, inputs) -> Callable[[], None]:
+    def forward():
+        with torch.no_grad():
+            model(inputs)
+
+    return forward
 
 
 def _sizes(name: str, experts: int, hidden: tuple[int, ...], tasks: int) -> dict:
@@ -75,20 +61,22 @@ def _sizes(name: str, experts: int, hidden: tuple[int, ...], tasks: int) -> dict
     return dict(per_task=(experts - shared) // tasks, shared=shared, hidden=hidden, num_tasks=tasks)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def dispatch_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"Triton kernels on {torch.cuda.get_device_name(device)}"
     if INTERPRETED:
         return "Triton interpreter on the CPU: times mean nothing (run with TRITON_INTERPRET=0)"
-    return "reference fallback on the CPU (plain PyTorch)"
+    return "CPU fallback (the reference, plain PyTorch)"
+
+
+def _csv(kind: Callable[[str], object], choices: tuple[str, ...] | None = None) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        values = tuple(kind(v) for v in text.split(","))
+        if choices is not None and not set(values) <= set(choices):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text}")
+        return values
+
+    return parse
 
 
 def step_table(
@@ -100,44 +88,58 @@ def step_table(
     make_twin: Callable[[str, torch.nn.Module], torch.nn.Module],
     default_hidden: str,
 ) -> None:
-    """Parse the command line, then print one row per model: the original's and its twin's time per step.
+    """Parse the command line, then print one row per model, batch size and mode: the original's and its
+    twin's time and the per-round ratio.
 
     ``make_twin(name, model)`` builds the compared model (``twin`` names it in the table) from a library
     model in train mode; ``--hidden`` takes the experts' widths, comma-separated.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=_csv(int), default=(256, 1024, 8192), help="batch sizes, comma-separated")
+    parser.add_argument("--modes", type=_csv(str, MODES), default=MODES, help="train (a training step), infer")
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--hidden", default=default_hidden, help="the experts' widths, comma-separated")
+    parser.add_argument("--hidden", type=_csv(int), default=default_hidden, help="the experts' widths, comma-separated")
     parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per row")
+    parser.add_argument("--round-ms", type=float, default=100.0, help="about how long one model runs in a round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model first")
+    parser.add_argument("--models", type=_csv(str, tuple(MODELS)), default=tuple(MODELS), help="comma-separated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    hidden = tuple(int(width) for width in args.hidden.split(","))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    print(f"# One training step, original vs {twin} ({dispatch_label(device)})")
+    print(f"# Original vs {twin} ({dispatch_label(device)})")
     print(
-        f"B = {args.batch}, {args.experts} experts per level, expert widths {hidden}, {args.tasks} tasks; "
-        f"median of {args.rounds} rounds of {args.steps} steps; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, {cpu_name()}\n"
+        f"{args.experts} experts per level, expert widths {args.hidden}, {args.tasks} tasks; {args.rounds} "
+        f"interleaved rounds of about {args.round_ms:g} ms per model and row; {machine_line()}\n"
     )
-    print(f"| model | original ms/step | {twin} ms/step | original / {twin} |")
-    print("| --- | ---: | ---: | ---: |")
-    for name in args.models.split(","):
-        model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, hidden, args.tasks))
-        model.to(device).train()
-        other = make_twin(name, model)
-        original_s, other_s = time_pair(
-            model, other, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
-        )
-        print(f"| {name} | {original_s * 1e3:.2f} | {other_s * 1e3:.2f} | {original_s / other_s:.2f} |")
+    print(f"| model | B | mode | original ms | {twin} ms | original / {twin}: median (quartiles) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for name in args.models:
+        for batch in args.batch:
+            model, inputs = MODELS[name][0](batch, **_sizes(name, args.experts, args.hidden, args.tasks))
+            model.to(device).train()
+            other = make_twin(name, model)
+            inputs = inputs_to(inputs, device)
+            for mode in args.modes:
+                if mode == "infer":
+                    model.eval(), other.eval()
+                make = _step_fn if mode == "train" else _inference_fn
+                comparison = compare(
+                    make(model, inputs),
+                    make(other, inputs),
+                    rounds=args.rounds,
+                    round_s=args.round_ms / 1e3,
+                    warmup=args.warmup,
+                    sync=sync,
+                )
+                original_ms, other_ms = comparison.median_ms()
+                print(f"| {name} | {batch} | {mode} | {original_ms:.2f} | {other_ms:.2f} | {ratio_cell(comparison)} |")
+    print(f"\nload average at the end: {load_average()}")
 
 
 def _swapped(name: str, model: torch.nn.Module) -> torch.nn.Module:
