@@ -76,7 +76,7 @@ def _fast_path_applies(dtype: torch.dtype) -> bool:
 def _all_finite(x: Tensor) -> bool:
     """One reduction: a NaN or inf anywhere makes the sum NaN or inf (a finite sum overflowing is only
     a false alarm, which sends the call down the exact path)."""
-    return math.isfinite(x.detach().sum())
+    return math.isfinite((x.detach() if x.requires_grad else x).sum())
 
 
 def _softmax(s: Tensor) -> Tensor:
@@ -84,11 +84,11 @@ def _softmax(s: Tensor) -> Tensor:
     faster for a few experts on a CPU; a row of ``-inf`` only gives NaN. The shift is a constant to
     autograd (the softmax does not depend on it), so higher derivatives stay exact. Without a graph to
     record, the temporaries are reused in place."""
-    e = s - s.amax(-1, keepdim=True).detach()
     if torch.is_grad_enabled():
-        e = e.exp()
+        e = (s - s.amax(-1, keepdim=True).detach()).exp()
         return e / e.sum(-1, keepdim=True)
-    return e.exp_().div_(e.sum(-1, keepdim=True))
+    e = (s - s.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 def _top_k_keep(s: Tensor, allowed: Tensor, k: int) -> Tensor:
