@@ -9,7 +9,8 @@ masked rows) that the eager code ignores. For each op, batch size and pass (``fw
 gives the median time of each and the median per-round ratio ``fallback / eager`` with its quartiles,
 from interleaved rounds (``bench.interleaved``). The eager peer is ``bench.cases.EAGER``: the scores
 (attention), ``torch.softmax`` and the batched matmul, as a user's own PyTorch code writes the gate.
-The default shapes are those of ``bench.swap_in_step``: 8 experts of width 64, 3 tasks.
+The default shapes are those of ``bench.swap_in_step``: 8 experts of width 64, 3 tasks. ``--clock cpu``
+as in ``bench.swap_in_step``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 import fused_gate as fg
 from bench.cases import EAGER, OPS, Shape, make_inputs
-from bench.interleaved import compare, load_average, machine_line, ratio_cell
+from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
 from bench.swap_in_step import _csv, dispatch_label
 
 PASSES = ("fwd", "fwd+bwd")
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--round-ms", type=float, default=50.0, help="about how long one side runs in a round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per side first")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time, steadier under load (1 thread)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# The ops' {dispatch_label(torch.device('cpu'))} vs eager PyTorch (softmax + batched matmul)")
     print(
         f"E = {args.experts} experts, D = {args.dim}, T = {args.tasks} tasks, float32; {args.rounds} interleaved "
-        f"rounds of about {args.round_ms:g} ms per side and row; {machine_line()}\n"
+        f"rounds of about {args.round_ms:g} ms per side and row ({args.clock} clock); {machine_line()}\n"
     )
     print("| op | B | pass | fallback ms | eager ms | fallback / eager: median (quartiles) |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                     rounds=args.rounds,
                     round_s=args.round_ms / 1e3,
                     warmup=args.warmup,
+                    clock=args.clock,
                 )
                 fallback_ms, eager_ms = comparison.median_ms()
                 print(f"| {op} | {batch} | {pass_} | {fallback_ms:.3f} | {eager_ms:.3f} | {ratio_cell(comparison)} |")

@@ -3,7 +3,9 @@
 A round times a few calls of A, then as many of B, the order alternating from round to round, so load
 from other processes that comes and goes hits both alike. The ratio of the two times of one round is
 then a fair comparison even while the machine's speed drifts; the spread of those per-round ratios
-(quartiles) shows how much the load still moved it.
+(quartiles) shows how much the load still moved it. The clock is the wall clock, or with ``clock="cpu"``
+the process's CPU time, which leaves out the time other processes hold the cores (steadier on a loaded
+machine; for CPU work only, and it counts every thread's time, so use it with one thread).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ class Comparison:
         return median, q1, q3
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def calls_per_round(call: Callable[[], object], round_s: float, sync: Callable[[], None]) -> int:
-    """How many calls make a round of about ``round_s`` seconds (times one call after a warm one)."""
+    """How many calls make a round of about ``round_s`` seconds of wall time (times one call after a warm one)."""
     call()
     sync()
     start = time.perf_counter()
@@ -60,12 +65,14 @@ def compare(
     round_s: float,
     warmup: int,
     sync: Callable[[], None] = lambda: None,
+    clock: str = "wall",
 ) -> Comparison:
     """Time ``a`` against ``b`` in ``rounds`` interleaved rounds of about ``round_s`` seconds each.
 
     Both get ``warmup`` untimed calls first and the same number of calls per round (sized on the slower
-    one); ``sync`` waits for queued device work before a clock is read.
+    one); ``sync`` waits for queued device work before ``clock`` (a key of ``CLOCKS``) is read.
     """
+    now = CLOCKS[clock]
     for call in (a, b):
         for _ in range(warmup):
             call()
@@ -75,11 +82,11 @@ def compare(
         for which in (0, 1) if r % 2 == 0 else (1, 0):
             call = (a, b)[which]
             sync()
-            start = time.perf_counter()
+            start = now()
             for _ in range(steps):
                 call()
             sync()
-            times[which].append((time.perf_counter() - start) / steps)
+            times[which].append((now() - start) / steps)
     return Comparison(tuple(times[0]), tuple(times[1]))
 
 

@@ -7,7 +7,8 @@ A training step is forward, a weighted sum of the outputs, backward and an SGD u
 levels of ``--experts`` experts each (2 shared, the rest split over the tasks). Each model is timed
 against its swapped copy in interleaved rounds (``bench.interleaved``): the table gives the median time
 of each and the median per-round ratio ``original / swapped`` with its quartiles, so load from other
-processes shows as spread rather than as a bias.
+processes shows as spread rather than as a bias. ``--clock cpu`` times the process's CPU time instead of
+the wall clock: steadier on a loaded machine, with ``--threads 1``.
 
 On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s CPU fallback (the reference,
 plain PyTorch), so the ratio measures that fallback against the libraries' per-task loops, not the
@@ -24,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 import fused_gate
-from bench.interleaved import compare, load_average, machine_line, ratio_cell
+from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
 from bench.swap_models import MODELS, inputs_to
 from fused_gate.kernels import INTERPRETED
 
@@ -106,6 +107,9 @@ def step_table(
     parser.add_argument("--models", type=_csv(str, tuple(MODELS)), default=tuple(MODELS), help="comma-separated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time, steadier under load (1 thread)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,7 +119,7 @@ def step_table(
     print(f"# Original vs {twin} ({dispatch_label(device)})")
     print(
         f"{args.experts} experts per level, expert widths {args.hidden}, {args.tasks} tasks; {args.rounds} "
-        f"interleaved rounds of about {args.round_ms:g} ms per model and row; {machine_line()}\n"
+        f"interleaved rounds of about {args.round_ms:g} ms per model and row ({args.clock} clock); {machine_line()}\n"
     )
     print(f"| model | B | mode | original ms | {twin} ms | original / {twin}: median (quartiles) |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
@@ -136,6 +140,7 @@ def step_table(
                     round_s=args.round_ms / 1e3,
                     warmup=args.warmup,
                     sync=sync,
+                    clock=args.clock,
                 )
                 original_ms, other_ms = comparison.median_ms()
                 print(f"| {name} | {batch} | {mode} | {original_ms:.2f} | {other_ms:.2f} | {ratio_cell(comparison)} |")

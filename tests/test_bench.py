@@ -171,7 +171,7 @@ def test_cpu_fallback_table_runs(capsys):
     from bench import cpu_fallback
 
     argv = ["--batch", "4", "--experts", "3", "--dim", "5", "--tasks", "2", "--rounds", "2", "--round-ms", "1"]
-    cpu_fallback.main([*argv, "--warmup", "0"])
+    cpu_fallback.main([*argv, "--warmup", "0", "--clock", "cpu"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     cells = [[cell.strip() for cell in row.strip("| ").split(" | ")] for row in rows]
     assert [(c[0], c[2]) for c in cells] == [(op, p) for op in OPS for p in ("fwd", "fwd+bwd")]
