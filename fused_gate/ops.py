@@ -31,21 +31,31 @@ def in_float64(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
-def _needs_reference(*tensors: Tensor) -> bool:
-    """True for float64 inputs, under ``torch.func`` transforms or with forward-mode (dual) inputs.
+def _reference_call(h: Tensor, *tensors: Tensor) -> bool | None:
+    """Whether the op calls the reference's ``autograd.Function`` instead of the custom op, and how.
 
-    The kernels compute in float32. The custom ops define a backward only; the reference is a
-    plain-PyTorch ``autograd.Function`` with closed-form backward, forward-mode and vmap rules, so it
-    serves these callers exactly.
+    - ``False``, for float64 inputs (the kernels compute in float32: the reference runs in float64 on
+      every device), under ``torch.func`` transforms or with forward-mode (dual) inputs: the custom ops
+      define a backward only; the reference has closed-form backward, forward-mode and vmap rules, and
+      serves higher-order gradients too.
+    - ``True``, in eager mode where the reference is the op (``h`` on a CPU without ``TRITON_INTERPRET``):
+      the custom op would run the same reference behind its dispatch boundary and recompute the weights
+      in its backward; the reference's function saves them. First order only (``True``), as the kernels.
+    - None otherwise: the custom op (compiling, exporting or tracing keep it, one node).
     """
-    if in_float64(*tensors):
-        return True
-    if torch.compiler.is_compiling():
+    if in_float64(h, *tensors):
         return False
+    if torch.compiler.is_compiling():
+        return None
     if torch._C._are_functorch_transforms_active():
+        return False
+    if not uses_kernels(h) and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0:
         return True
     # Dual tensors exist only inside a dual level; outside one (every ordinary call) skip the unpacking.
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    tensors = (h, *tensors)
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return False
+    return None
 
 
 def _no_weights(h: Tensor) -> Tensor:
@@ -72,10 +82,7 @@ def _grad_weights(grad_p: Tensor | None) -> Tensor | None:
 
 
 def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fused_gate ops do not support double backward (create_graph=True through the gate); "
-        "use fused_gate.reference for higher-order gradients"
-    )
+    raise RuntimeError(reference.DOUBLE_BACKWARD_REFUSED)
 
 
 # ---------------------------------------------------------------------------- attention_mix
@@ -164,12 +171,14 @@ def attention_mix(
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p`` in ``h``'s dtype). Gradients flow to ``h``,
         ``context`` and through ``p`` when it is returned. With a float64 input, under ``torch.func``
-        transforms and forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same
-        semantics).
+        transforms, with forward-mode AD and in eager mode on a CPU without ``TRITON_INTERPRET`` the op runs
+        :func:`fused_gate.reference.attention_mix` (same semantics).
     """
     scale, top_k = check_attention_mix(h, context, scale, mask, top_k, return_weights)
-    if _needs_reference(h, context):
-        return reference.attention_mix(h, context, scale=scale, mask=mask, top_k=top_k, return_weights=return_weights)
+    first_order = _reference_call(h, context)
+    if first_order is not None:
+        y, p = reference.attention_mix_function(h, context, scale, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _attention_mix_op(h, context, mask, scale, top_k, return_weights)
     return (y, p) if return_weights else y
 
@@ -259,13 +268,13 @@ def softmax_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p [B, T, E]``); gradients flow to ``logits`` and ``h``.
-        With a float64 input, under ``torch.func`` transforms and forward-mode AD the op runs
-        :func:`fused_gate.reference.softmax_mix` (same semantics).
+        With a float64 input, under ``torch.func`` transforms, with forward-mode AD and in eager mode on a CPU without
+        ``TRITON_INTERPRET`` the op runs :func:`fused_gate.reference.softmax_mix` (same semantics).
     """
     temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
-    if _needs_reference(logits, h):
-        return reference.softmax_mix(
-            logits, h, temperature=temperature, mask=mask, top_k=top_k, return_weights=return_weights
-        )
+    first_order = _reference_call(h, logits)
+    if first_order is not None:
+        y, p = reference.softmax_mix_function(logits, h, temperature, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _softmax_mix_op(logits, h, mask, temperature, top_k, return_weights)
     return (y, p) if return_weights else y
