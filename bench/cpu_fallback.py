@@ -22,7 +22,9 @@ import torch
 import fused_gate as fg
 from bench.cases import EAGER, OPS, Shape, make_inputs
 from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
-from bench.swap_in_step import _csv, dispatch_label
+from bench.swap_in_step import dispatch_label
+from fused_gate.apps.arguments import integer, integer_list, real
+from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -40,14 +42,18 @@ def _call(fn, inputs: list[torch.Tensor], grad_y: torch.Tensor, pass_: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_fallback", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=_csv(int), default=(256, 1024, 8192), help="batch sizes, comma-separated")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per row")
-    parser.add_argument("--round-ms", type=float, default=50.0, help="about how long one side runs in a round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per side first")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--batch", type=integer_list(1, "batch sizes"), default="256,1024,8192", help="batch sizes, comma-separated"
+    )
+    parser.add_argument("--experts", type=integer(1, MAX_EXPERTS), default=8)
+    parser.add_argument("--dim", type=integer(1), default=64)
+    parser.add_argument("--tasks", type=integer(1, MAX_TASKS), default=3)
+    parser.add_argument("--rounds", type=integer(1), default=20, help="interleaved rounds per row")
+    parser.add_argument(
+        "--round-ms", type=real(0, low_open=True), default=50.0, help="about how long one side runs in a round"
+    )
+    parser.add_argument("--warmup", type=integer(0), default=3, help="untimed calls per side first")
+    parser.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
         "--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time, steadier under load (1 thread)"
     )
