@@ -1,10 +1,11 @@
 """The activations of the experts' layers, by name: one registry for the layers, the reference, the
 converters and the ``experts_mix`` kernel.
 
-Each name maps to an :class:`Activation`: the torch function the layers and the reference apply, the
-library module it converts from (``fused_gate/integrations``), and the name the kernel's ``_activate``
-branches on (``kernels/experts_mix.py``). Every one has a kernel implementation, so every activation a
-layer accepts also runs in the one-kernel inference path.
+Each name maps to an :class:`Activation`: the torch function the reference applies, the same function in
+place where torch has one (what a layer applies to its own fresh matmul or BatchNorm output), the library
+module it converts from (``fused_gate/integrations``), and the name the kernel's ``_activate`` branches on
+(``kernels/experts_mix.py``). Every one has a kernel implementation, so every activation a layer accepts
+also runs in the one-kernel inference path.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from torch import Tensor, nn
 
 
 class Activation(NamedTuple):
-    """One activation: ``function`` (elementwise, torch), ``module`` (the ``nn`` class a converter
-    maps to this name) and ``kernel`` (its name in the kernel)."""
+    """One activation: ``function`` (elementwise, torch), ``in_place`` (the same, overwriting its input
+    where torch can; its result is the one to use), ``module`` (the ``nn`` class a converter maps to this
+    name) and ``kernel`` (its name in the kernel)."""
 
     function: Callable[[Tensor], Tensor]
+    in_place: Callable[[Tensor], Tensor]
     module: type[nn.Module]
     kernel: str
 
@@ -42,11 +45,13 @@ def _relu_limits(act: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 
 # Every function maps +-inf to its limit and NaN to NaN, as the kernel's _activate does.
 ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(torch.relu, nn.ReLU, "relu"),
-    "leaky_relu": Activation(F.leaky_relu, nn.LeakyReLU, "leaky_relu"),  # negative slope 0.01, as nn.LeakyReLU()
-    "gelu": Activation(_relu_limits(F.gelu), nn.GELU, "gelu"),  # the exact (erf) form, as nn.GELU()
-    "silu": Activation(_relu_limits(F.silu), nn.SiLU, "silu"),
-    "sigmoid": Activation(torch.sigmoid, nn.Sigmoid, "sigmoid"),
-    "tanh": Activation(torch.tanh, nn.Tanh, "tanh"),
-    "identity": Activation(_identity, nn.Identity, "identity"),
+    "relu": Activation(torch.relu, torch.relu_, nn.ReLU, "relu"),
+    # negative slope 0.01, as nn.LeakyReLU()
+    "leaky_relu": Activation(F.leaky_relu, F.leaky_relu_, nn.LeakyReLU, "leaky_relu"),
+    # the exact (erf) form, as nn.GELU()
+    "gelu": Activation(_relu_limits(F.gelu), _relu_limits(F.gelu), nn.GELU, "gelu"),
+    "silu": Activation(_relu_limits(F.silu), _relu_limits(F.silu), nn.SiLU, "silu"),
+    "sigmoid": Activation(torch.sigmoid, torch.sigmoid_, nn.Sigmoid, "sigmoid"),
+    "tanh": Activation(torch.tanh, torch.tanh_, nn.Tanh, "tanh"),
+    "identity": Activation(_identity, _identity, nn.Identity, "identity"),
 }

@@ -15,7 +15,8 @@ the modules that only register the ops run without them.
 
 :func:`fused_op` registers an op with ``torch.library`` whose body runs its kernel implementation where
 :func:`uses_kernels` says so and its reference implementation elsewhere; the public functions first
-ask :func:`needs_reference`.
+ask :func:`reference_call` (in eager mode on a device without kernels they call the reference
+directly, with no dispatch boundary between them and it).
 """
 
 from __future__ import annotations
@@ -49,20 +50,34 @@ def in_float64(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
-def needs_reference(*tensors: Tensor | None) -> bool:
-    """True for float64 inputs (the kernels compute in float32), under ``torch.func`` transforms or with
-    forward-mode (dual) inputs (the ops define a backward only; the reference's ``autograd.Function`` has
-    closed-form backward, forward-mode and vmap rules, so it serves these callers exactly)."""
+def reference_call(device_tensor: Tensor, *tensors: Tensor | None) -> bool | None:
+    """Whether a public function calls the reference's ``autograd.Function`` instead of the op, and how;
+    ``device_tensor`` is the input whose device :func:`uses_kernels` reads.
+
+    - ``False``, for float64 inputs (the kernels compute in float32: the reference runs in float64 on
+      every device), under ``torch.func`` transforms or with forward-mode (dual) inputs: the ops define
+      a backward only; the reference has closed-form backward, forward-mode and vmap rules, and serves
+      higher-order gradients too.
+    - ``True``, in eager mode where the reference is the op (a device without kernels): the op would run
+      the same reference behind its dispatch boundary and recompute the weights in its backward; the
+      reference's function saves them. First order only (``True``), as the kernels.
+    - None otherwise: the op (compiling, exporting or tracing keep it, one node).
+    """
+    tensors = (device_tensor, *tensors)
     if in_float64(*tensors):
-        return True
-    if torch.compiler.is_compiling():
         return False
+    if torch.compiler.is_compiling():
+        return None
     if torch._C._are_functorch_transforms_active():
+        return False
+    if not uses_kernels(device_tensor) and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0:
         return True
     # Dual tensors exist only inside a dual level; outside one (every ordinary call) skip the unpacking.
-    return forward_ad._current_level >= 0 and any(
+    if forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
-    )
+    ):
+        return False
+    return None
 
 
 def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], torch.library.CustomOpDef]:

@@ -6,7 +6,8 @@ kernels for shapes. Each op runs the Triton kernels or the plain-PyTorch referen
 tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the
 first op call; setting it before ``import fused_gate`` is enough); the reference otherwise. float64
 inputs run the reference on every device (the kernels compute in float32), so ``model.double()`` works
-wherever the model runs.
+wherever the model runs; in eager mode on a device without kernels the public functions call the
+reference directly (:func:`fused_gate.dispatch.reference_call`).
 """
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from fused_gate import reference
 from fused_gate._validation import validate_attention_mix, validate_softmax_mix
-from fused_gate.dispatch import fused_op, needs_reference
+from fused_gate.dispatch import fused_op, reference_call
 
 __all__ = ["attention_mix", "softmax_mix"]
 
@@ -64,10 +65,7 @@ def _grad_weights(grad_p: Tensor | None) -> Tensor | None:
 
 
 def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fused_gate ops do not support double backward (create_graph=True through the gate); "
-        "use fused_gate.reference for higher-order gradients"
-    )
+    raise RuntimeError(reference.DOUBLE_BACKWARD_REFUSED)
 
 
 # ---------------------------------------------------------------------------- attention_mix
@@ -156,12 +154,14 @@ def attention_mix(
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p`` in ``h``'s dtype). Gradients flow to ``h``,
         ``context`` and through ``p`` when it is returned. With a float64 input, under ``torch.func``
-        transforms and forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same
-        semantics).
+        transforms, with forward-mode AD and in eager mode on a CPU without ``TRITON_INTERPRET`` the op runs
+        :func:`fused_gate.reference.attention_mix` (same semantics).
     """
     scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, return_weights)
-    if needs_reference(h, context):
-        return reference.attention_mix(h, context, scale=scale, mask=mask, top_k=top_k, return_weights=return_weights)
+    first_order = reference_call(h, context)
+    if first_order is not None:
+        y, p = reference.attention_mix_function(h, context, scale, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _attention_mix_op(h, context, mask, scale, top_k, return_weights)
     return (y, p) if return_weights else y
 
@@ -252,13 +252,13 @@ def softmax_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p [B, T, E]``); gradients flow to ``logits`` and ``h``.
-        With a float64 input, under ``torch.func`` transforms and forward-mode AD the op runs
-        :func:`fused_gate.reference.softmax_mix` (same semantics).
+        With a float64 input, under ``torch.func`` transforms, with forward-mode AD and in eager mode on a CPU without
+        ``TRITON_INTERPRET`` the op runs :func:`fused_gate.reference.softmax_mix` (same semantics).
     """
     temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
-    if needs_reference(logits, h):
-        return reference.softmax_mix(
-            logits, h, temperature=temperature, mask=mask, top_k=top_k, return_weights=return_weights
-        )
+    first_order = reference_call(h, logits)
+    if first_order is not None:
+        y, p = reference.softmax_mix_function(logits, h, temperature, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _softmax_mix_op(logits, h, mask, temperature, top_k, return_weights)
     return (y, p) if return_weights else y

@@ -45,7 +45,7 @@ BAD_ARGUMENTS = [
     ("experts_mix", ["--rounds", "0"], "argument --rounds: expected an int >= 1, got 0"),
     ("swap_in_step", ["--models", "foo"], r"argument --models: unknown \['foo'\]"),
     ("swap_in_step", ["--hidden", "abc"], "argument --hidden: expected comma-separated widths, each an int >= 1"),
-    ("swap_in_step", ["--batch", "0"], "argument --batch: expected an int >= 1, got 0"),
+    ("swap_in_step", ["--batch", "256,0"], "argument --batch: expected comma-separated batch sizes, each an int >= 1"),
     ("swap_in_step", ["--tasks", "1"], r"argument --tasks: expected an int in 2\.\.15, got 1"),
     ("swap_in_step", ["--experts", "3"], "--experts: a PLE level has 2 shared experts and the rest split evenly"),
     ("convert_step", ["--hidden", "8,0"], "argument --hidden: expected comma-separated widths"),

@@ -292,6 +292,50 @@ def test_dropout_masks_each_expert_independently(device):
     assert not torch.equal(kept[:, 0], kept[:, 1])
 
 
+def test_dropout_gradient_is_the_mask(device):
+    """The gradient through dropout is the upstream one where the entry was kept, scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    p = 0.3
+    layer = BatchedDense(5, 16, 3, activation="identity", dropout=p).to(device).train()
+    y = layer(torch.randn(64, 3, 5, device=device))
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    kept = (y != 0).to(y.dtype)
+    torch.testing.assert_close(layer.bias.grad, (grad_y * kept / (1 - p)).sum(0))
+
+
+@pytest.mark.parametrize("per_group_input", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_eval_batch_norm_folded_into_the_matmul(per_group_input, activation, device):
+    """In eval mode the layer folds its BatchNorm into the matmul: the same output and gradients as the
+    BatchNorm module applied after it; a BatchNorm with a forward hook is called as a module instead."""
+    torch.manual_seed(0)
+    layer = BatchedDense(5, 4, 3, activation=activation, batch_norm=True).to(device)
+    bn = layer.batch_norm
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+    layer.eval()
+    x = torch.randn(7, 3, 5, device=device) if per_group_input else torch.randn(7, 5, device=device)
+
+    def unfolded() -> torch.Tensor:
+        z = torch.einsum("bgi,gio->bgo" if per_group_input else "bi,gio->bgo", x, layer.weight) + layer.bias
+        return LOOP_ACTIVATIONS[activation](bn(z.flatten(1)).unflatten(1, z.shape[1:]))
+
+    grad_y = torch.randn(7, 3, 4, device=device)
+    results = []
+    for forward in (layer, lambda _: unfolded()):
+        layer.zero_grad()
+        y = forward(x)
+        y.backward(grad_y)
+        results.append((y, layer.weight.grad, bn.weight.grad, bn.bias.grad))
+    for got, want in zip(*results, strict=True):
+        assert_matches(got, want, torch.float32)
+    calls = []
+    bn.register_forward_hook(lambda *_: calls.append(1))
+    assert_matches(layer(x), results[1][0], torch.float32)
+    assert calls == [1]
+
+
 def test_dropout_reaches_gate_dnn_and_towers(device):
     torch.manual_seed(0)
     model = fg.MMoE(10, 4, 8, 3, gate="softmax", gate_hidden=(16,), tower_hidden=(16,), tower_dropout=0.5).to(device)

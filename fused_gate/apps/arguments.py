@@ -60,15 +60,24 @@ def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def integer_list(low: int, what: str = "ints") -> Callable[[str], tuple[int, ...]]:
+    """A non-empty comma-separated list of ints, each ``>= low``, e.g. ``256,1024``; ``what`` names them."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, each an int >= {low}, got {text!r}")
+        return values
+
+    return parse
+
+
 def widths(text: str) -> tuple[int, ...]:
     """Comma-separated layer widths, each an int >= 1, e.g. ``64,32``."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths, each an int >= 1, got {text!r}")
-    return values
+    return integer_list(1, "widths")(text)
 
 
 def device(text: str) -> str:
