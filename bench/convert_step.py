@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         prog="python -m bench.convert_step",
         description=__doc__.split("\n\n")[0],
-        twin="converted",
-        make_twin=_converted,
+        compared="converted",
+        make_compared=_converted,
         default_hidden="64,32",
     )
 

@@ -23,8 +23,8 @@ import fused_gate as fg
 from bench.cases import EAGER, OPS, Shape, make_inputs
 from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
 from bench.swap_in_step import dispatch_label
+from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
 from fused_gate.apps.arguments import integer, integer_list, real
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
 
 PASSES = ("fwd", "fwd+bwd")
 

@@ -1,6 +1,6 @@
 """MMoE inference, the experts' last layer and the gate: four implementations timed on the same inputs.
 
-    python -m bench.experts_mix [--shapes mmoe|smoke] [--gates attention,softmax] [--dtype bf16]
+    python -m bench.experts_mix [--shapes mmoe|smoke] [--gates softmax,attention] [--dtype bf16]
                                 [--impls one-kernel,two-step,eager,compile] [--rounds N] [--out DIR]
 
 Each case is an MMoE layer's inference forward ``Y = gate(relu(X W_e + b_e))`` at one shape
@@ -40,8 +40,8 @@ from bench.cases import DTYPES, EAGER
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for
 from fused_gate.apps.arguments import comma_list, integer
+from fused_gate.layers import GATES
 
-GATES = ("attention", "softmax")
 IMPLS = ("one-kernel", "two-step", "eager", "compile")
 
 

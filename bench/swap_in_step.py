@@ -27,10 +27,10 @@ import torch
 import fused_gate
 from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
 from bench.swap_models import MODELS, inputs_to
+from fused_gate._validation import MAX_TASKS
 from fused_gate.apps.arguments import comma_list, integer, integer_list, real, widths
 from fused_gate.apps.arguments import device as device_name
 from fused_gate.kernels import INTERPRETED
-from fused_gate.kernels.config import MAX_TASKS
 
 PLE_SHARED = 2  # shared experts per PLE level; the rest are split over the tasks
 
@@ -77,14 +77,14 @@ def step_table(
     *,
     prog: str,
     description: str,
-    twin: str,
-    make_twin: Callable[[str, torch.nn.Module], torch.nn.Module],
+    compared: str,
+    make_compared: Callable[[str, torch.nn.Module], torch.nn.Module],
     default_hidden: str,
 ) -> None:
-    """Parse the command line, then print one row per model, batch size and mode: the original's and its
-    twin's time and the per-round ratio.
+    """Parse the command line, then print one row per model, batch size and mode: the original's and the
+    compared model's time and the per-round ratio.
 
-    ``make_twin(name, model)`` builds the compared model (``twin`` names it in the table) from a library
+    ``make_compared(name, model)`` builds the compared model (``compared`` names it in the table) from a library
     model in train mode; ``--hidden`` takes the experts' widths, comma-separated.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -120,18 +120,18 @@ def step_table(
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    print(f"# Original vs {twin} ({dispatch_label(device)})")
+    print(f"# Original vs {compared} ({dispatch_label(device)})")
     print(
         f"{args.experts} experts per level, expert widths {args.hidden}, {args.tasks} tasks; {args.rounds} "
         f"interleaved rounds of about {args.round_ms:g} ms per model and row ({args.clock} clock); {machine_line()}\n"
     )
-    print(f"| model | B | mode | original ms | {twin} ms | original / {twin}: median (quartiles) |")
+    print(f"| model | B | mode | original ms | {compared} ms | original / {compared}: median (quartiles) |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     for name in args.models:
         for batch in args.batch:
             model, inputs = MODELS[name][0](batch, **_sizes(name, args.experts, args.hidden, args.tasks))
             model.to(device).train()
-            other = make_twin(name, model)
+            other = make_compared(name, model)
             inputs = inputs_to(inputs, device)
             for mode in args.modes:
                 if mode == "infer":
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         prog="python -m bench.swap_in_step",
         description=__doc__.split("\n\n")[0],
-        twin="swapped",
-        make_twin=_swapped,
+        compared="swapped",
+        make_compared=_swapped,
         default_hidden="64",
     )
 

@@ -11,61 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# name -> elementwise function; the names a layer's ``activation`` may take.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "leaky_relu": F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
-    "identity": lambda y: y,
-}
-
-# The same functions in place, as the libraries' ``ReLU(inplace=True)``: a layer applies them to its own
-# fresh matmul or BatchNorm output, which no backward reads (the activations' backwards read their output).
-_ACTIVATIONS_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu_,
-    "sigmoid": torch.sigmoid_,
-    "tanh": torch.tanh_,
-    "leaky_relu": F.leaky_relu_,
-    "identity": lambda y: y,
-}
-
-
-def validate_activation(activation: object) -> str:
-    if not isinstance(activation, str):
-        raise TypeError(f"activation must be a name, one of {sorted(ACTIVATIONS)}, got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
-
-
-def validate_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-        raise TypeError(f"dropout must be a probability in [0, 1), got {type(dropout).__name__}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
-def _is_int(w: object) -> bool:
-    return isinstance(w, int) and not isinstance(w, bool)
-
-
-def validate_widths(name: str, widths: int | Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
-    """An int or a sequence of ints >= 1 as a tuple; ``allow_empty`` accepts ``()``."""
-    widths = (widths,) if _is_int(widths) else widths
-    expected = "an int >= 1 or a sequence of them" + (" (may be empty)" if allow_empty else "")
-    if isinstance(widths, str) or not isinstance(widths, Sequence) or not all(_is_int(w) for w in widths):
-        raise TypeError(f"{name} must be {expected}, got {widths!r}")
-    if not all(w >= 1 for w in widths) or (not widths and not allow_empty):
-        raise ValueError(f"{name} must be {expected}, got {widths!r}")
-    return tuple(widths)
+from fused_gate._validation import validate_activation, validate_dropout, validate_widths
+from fused_gate.activations import ACTIVATIONS
 
 
 def _grouped_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -140,7 +93,7 @@ class BatchedLinear(nn.Module):
 class BatchedDense(BatchedLinear):
     """One hidden layer of G MLPs: ``dropout(activation(batch_norm(x W_g + b_g)))``, shape ``[B, G, out]``.
 
-    ``activation`` is a name from :data:`ACTIVATIONS`, ``dropout`` the drop probability and
+    ``activation`` is a name of :data:`fused_gate.activations.ACTIVATIONS`, ``dropout`` the drop probability and
     ``batch_norm`` an ``nn.BatchNorm1d(G * out)`` (or None) over the flattened output.
     """
 
@@ -182,7 +135,7 @@ class BatchedDense(BatchedLinear):
             z = bn(z if z.dim() == 2 else z.transpose(0, 1).flatten(1))
         # The activation runs in place on the matmul's or BatchNorm's own output, never on a view of it
         # (autograd would undo an in-place op on a view with copies in the backward).
-        z = _ACTIVATIONS_IN_PLACE[self.activation](z)
+        z = ACTIVATIONS[self.activation].in_place(z)
         return _as_groups(_dropout(z, self.dropout, self.training), self.groups)
 
     def extra_repr(self) -> str:

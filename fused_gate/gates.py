@@ -8,10 +8,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._checks import validate_count, validate_flag, validate_positive_float, validate_top_k
-from fused_gate.experts import BatchedDense, BatchedLinear, BatchedMLP, validate_widths
+from fused_gate._validation import (
+    MAX_EXPERTS,
+    MAX_TASKS,
+    validate_count,
+    validate_flag,
+    validate_module_mask,
+    validate_positive_float,
+    validate_top_k,
+    validate_widths,
+)
+from fused_gate.experts import BatchedDense, BatchedLinear, BatchedMLP
 from fused_gate.fused_experts import experts_mix
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
 from fused_gate.ops import attention_mix, softmax_mix
 
 
@@ -27,17 +35,6 @@ def _as_expert_tensor(h: Tensor | Sequence[Tensor]) -> tuple[Tensor, bool]:
             )
         return torch.stack(list(h), dim=1), True
     raise TypeError(f"h must be a [B, E, D] tensor or a non-empty list of [B, D] tensors, got {type(h).__name__}")
-
-
-def _check_module_mask(mask: object, num_tasks: int) -> None:
-    """The module's mask is one bool ``[T, E]`` for every row (the ops also take ``[B, T, E]`` per call)."""
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must have dtype torch.bool (a bool [T, E] tensor or None), got {got}")
-    if mask.dim() != 2 or mask.shape[0] != num_tasks:
-        raise ValueError(f"mask must have shape [T, E] with T = num_tasks = {num_tasks}, got {list(mask.shape)}")
 
 
 class AttentionMix(nn.Module):
@@ -80,7 +77,7 @@ class AttentionMix(nn.Module):
         self.scale = None if scale is None else validate_positive_float("scale", scale)
         self.top_k = validate_top_k(top_k)
         self.context = nn.Parameter(torch.empty(num_tasks, dim, device=device, dtype=dtype))
-        _check_module_mask(mask, num_tasks)
+        validate_module_mask(mask, num_tasks)
         self.register_buffer("mask", None if mask is None else mask.to(device), persistent=mask is not None)
         self.reset_parameters()
 
@@ -210,7 +207,7 @@ class SoftmaxGate(nn.Module):
         self.dnn = BatchedMLP(in_features, num_tasks, hidden, **options) if hidden else None
         self.linear = BatchedLinear(hidden[-1] if hidden else in_features, num_experts, num_tasks, bias=bias)
         self.batch_norm = nn.BatchNorm1d(num_tasks * num_experts) if logits_batch_norm else None
-        _check_module_mask(mask, num_tasks)
+        validate_module_mask(mask, num_tasks)
         self.register_buffer("mask", mask, persistent=mask is not None)
 
     def logits(self, x: Tensor) -> Tensor:

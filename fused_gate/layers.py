@@ -17,14 +17,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._checks import fits_one_kernel, validate_count, validate_flag, validate_top_k
 from fused_gate._hooks import forward_hooked
-from fused_gate.experts import Experts, TaskTowers, validate_activation, validate_dropout, validate_widths
+from fused_gate._validation import (
+    GATES,
+    MAX_EXPERTS,
+    MAX_TASKS,
+    fits_one_kernel,
+    validate_activation,
+    validate_count,
+    validate_dropout,
+    validate_flag,
+    validate_top_k,
+    validate_widths,
+)
+from fused_gate.dispatch import uses_kernels
+from fused_gate.experts import Experts, TaskTowers
 from fused_gate.gates import AttentionMix, SoftmaxGate
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
-from fused_gate.ops import uses_kernels
 
-GATES = ("attention", "softmax")
 SHARED_GATE_EXPERTS = ("all", "shared")
 
 
@@ -162,7 +171,7 @@ class MMoE(nn.Module):
         tower_hidden: add one MLP tower per task, ``D -> tower_hidden... -> 1`` (an int for one hidden
             layer, ``()`` for a single Linear), giving ``[B, T]``.
         activation: the activation of every hidden layer (experts, gate DNN, towers unless
-            ``tower_activation``): one of ``fused_gate.experts.ACTIVATIONS``.
+            ``tower_activation``): one of ``fused_gate.activations.ACTIVATIONS``.
         dropout: dropout probability after every hidden layer's activation (experts, gate DNN, towers
             unless ``tower_dropout``).
         batch_norm: a BatchNorm after every hidden layer's Linear (experts, gate DNN, towers unless

@@ -38,7 +38,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from fused_gate._checks import check_attention_mix, check_experts_mix, check_softmax_mix
+from fused_gate._validation import validate_attention_mix, validate_experts_mix, validate_softmax_mix
+from fused_gate.activations import ACTIVATIONS
 
 __all__ = [
     "allowed_experts",
@@ -451,7 +452,7 @@ def attention_mix(
         h, context, scale, mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`
             (float64 accepted too).
     """
-    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, return_weights)
+    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, return_weights)
     y, p = attention_mix_function(h, context, scale, mask, top_k, first_order=False)
     return (y, p.to(h.dtype)) if return_weights else y
 
@@ -605,34 +606,12 @@ def softmax_mix(
         logits, h, temperature, mask, top_k, return_weights: as in :func:`fused_gate.softmax_mix`
             (float64 accepted too).
     """
-    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
+    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
     y, p = softmax_mix_function(logits, h, temperature, mask, top_k, first_order=False)
     return (y, p.to(h.dtype)) if return_weights else y
 
 
 # ---------------------------------------------------------------------------- experts_mix
-
-
-def _relu_limits(act):
-    """``act`` (GELU, SiLU) with its limits at the infinities: ``act(+inf) = +inf`` and ``act(-inf) = 0``, where
-    torch's formulas give NaN (``-inf * 0``; float32 GELU also at ``+inf``)."""
-
-    def limited(h: Tensor) -> Tensor:
-        return torch.where(h.isinf(), h.clamp(min=0), act(h))
-
-    return limited
-
-
-# name -> function; every one maps +-inf to its limit and NaN to NaN, as the kernel's _activate does.
-ACTIVATION_FUNCTIONS = {
-    "relu": torch.relu,
-    "leaky_relu": torch.nn.functional.leaky_relu,
-    "gelu": _relu_limits(torch.nn.functional.gelu),
-    "silu": _relu_limits(torch.nn.functional.silu),
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "identity": lambda h: h,
-}
 
 
 def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "relu") -> Tensor:
@@ -646,13 +625,13 @@ def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         x: ``[B, K]`` (every expert reads the same input) or ``[B, E, K]`` (one input per expert).
         weight: ``[E, K, D]``.
         bias: ``[E, D]`` or None.
-        activation: a name of ``ACTIVATION_FUNCTIONS``.
+        activation: a name of :data:`fused_gate.activations.ACTIVATIONS`.
     """
     dtype = _compute_dtype(x, weight, bias)
     z = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
     if bias is not None:
         z = z + bias.to(dtype)
-    return ACTIVATION_FUNCTIONS[activation](z.to(x.dtype).to(dtype)).to(x.dtype)
+    return ACTIVATIONS[activation].function(z.to(x.dtype).to(dtype)).to(x.dtype)
 
 
 def experts_mix(
@@ -680,7 +659,7 @@ def experts_mix(
     Returns:
         ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
     """
-    score_scale, top_k = check_experts_mix(
+    score_scale, top_k = validate_experts_mix(
         x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
     )
     with torch.no_grad():  # H in x's dtype; the gates compute in float32 (float64 with a float64 input)

@@ -54,10 +54,9 @@ def dispatch_path(request, monkeypatch, device) -> str:
     """Run the ops, ``experts_mix`` and the layers through the kernels or through the plain-PyTorch fallback,
     which CPU users get without ``TRITON_INTERPRET`` (the dispatch predicate ``uses_kernels`` forced False)."""
     if request.param == "fallback":
-        import fused_gate.fused_experts
+        import fused_gate.dispatch
         import fused_gate.layers
-        import fused_gate.ops
 
-        for module in (fused_gate.ops, fused_gate.fused_experts, fused_gate.layers):
+        for module in (fused_gate.dispatch, fused_gate.layers):
             monkeypatch.setattr(module, "uses_kernels", lambda x: False)
     return request.param

@@ -39,7 +39,7 @@ BAD_ARGUMENTS = [
     ("selftest", ["--experts", "300"], r"argument --experts: expected an int in 1\.\.256, got 300"),
     ("selftest", ["--device", "mps"], "argument --device: expected a cpu or cuda device, got 'mps'"),
     ("selftest", ["--device", "gpu"], "argument --device: expected a device such as cpu or cuda, got 'gpu'"),
-    ("experts_mix", ["--gates", ","], "argument --gates: expected a comma-separated list of attention,softmax"),
+    ("experts_mix", ["--gates", ","], "argument --gates: expected a comma-separated list of softmax,attention"),
     ("experts_mix", ["--impls", ""], "argument --impls: expected a comma-separated list of one-kernel"),
     ("experts_mix", ["--impls", "fast"], r"argument --impls: unknown \['fast'\]"),
     ("experts_mix", ["--rounds", "0"], "argument --rounds: expected an int >= 1, got 0"),

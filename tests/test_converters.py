@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import fused_gate.ops
+import fused_gate.dispatch
 from bench.swap_models import MODELS, import_offline, training_step
 from fused_gate.integrations._convert import FusedMultiTask
 
@@ -89,7 +89,7 @@ def _gradients_as_parameters(model: nn.Module, grads: dict) -> nn.Module:
 @pytest.fixture(params=["kernels", "reference"])
 def gate_path(request, monkeypatch):
     if request.param == "reference":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 

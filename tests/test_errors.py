@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fused_gate as fg
-import fused_gate.ops
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
+from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
+from fused_gate.kernels import gate_mix_fwd
 
 B, E, D, T = 4, 3, 8, 2
 
@@ -76,7 +76,7 @@ def test_reference_accepts_float64():
 @pytest.mark.parametrize("float64", ["h", "context", "both"], ids=["h-float64", "context-float64", "both-float64"])
 def test_float64_runs_the_reference_on_every_path(float64, dispatch_path, monkeypatch, device):
     """The kernels compute in float32: a float64 input runs the reference, on the kernel path too (no launch)."""
-    monkeypatch.setattr(fused_gate.ops, "gate_mix_forward", None)  # a launch would fail
+    monkeypatch.setattr(gate_mix_fwd, "plan_forward", None)  # a launch would fail
     h, context = _h(B, E, D).to(device), _h(T, D).to(device)
     h = h.double() if float64 != "context" else h
     context = context.double() if float64 != "h" else context

@@ -1,6 +1,6 @@
-"""MMoE / PLE / SoftmaxGate against loop-based twins: plain PyTorch, one expert, gate and tower at a time.
+"""MMoE / PLE / SoftmaxGate against loop models: plain PyTorch, one expert, gate and tower at a time.
 
-The twins read the modules' parameters and compute in float64 with Python loops over the experts, gates
+The loop models read the modules' parameters and compute in float64 with Python loops over the experts, gates
 and tasks, their own activations and BatchNorm (batch statistics in train mode, running ones in eval
 mode); the gate mix is ``fused_gate.reference``'s. The layers run through the Triton kernels
 (interpreted without a GPU) and through the reference fallback.
@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_gate as fg
-import fused_gate.ops
+import fused_gate.dispatch
 from fused_gate.experts import BatchedDense, BatchedMLP, Experts
 from fused_gate.kernels import experts_mix, gate_mix_fwd
 from fused_gate.layers import CGCLevel
@@ -21,17 +21,19 @@ from fused_gate.layers import CGCLevel
 from .conftest import assert_matches
 from .test_attention_mix import LaunchCounter
 
-ACTIVATION_TWINS = {
+LOOP_ACTIVATIONS = {
     "relu": lambda y: y.clamp_min(0),
     "sigmoid": lambda y: 1 / (1 + torch.exp(-y)),
     "tanh": lambda y: (torch.exp(y) - torch.exp(-y)) / (torch.exp(y) + torch.exp(-y)),
     "leaky_relu": lambda y: torch.where(y > 0, y, 0.01 * y),
+    "gelu": lambda y: 0.5 * y * (1 + torch.erf(y / 2**0.5)),
+    "silu": lambda y: y / (1 + torch.exp(-y)),
     "identity": lambda y: y,
 }
 
 
-class Twin:
-    """The float64 loop twin of one layer call; ``running`` collects the BatchNorm statistics a train-mode
+class LoopModel:
+    """The float64 loop model of one layer call; ``running`` collects the BatchNorm statistics a train-mode
     forward must leave (``name -> expected tensor``), from the buffers as they were before it."""
 
     def __init__(self, model: torch.nn.Module, training: bool):
@@ -66,12 +68,12 @@ class Twin:
         return outs
 
     def dense(self, layer: BatchedDense, xs):
-        assert layer.dropout == 0 or not self.training, "the twin compares dropout-free training steps"
+        assert layer.dropout == 0 or not self.training, "the loop model compares dropout-free training steps"
         outs = self.linear(layer, xs)
         if layer.batch_norm is not None:
             width = layer.out_features
             outs = [self.batch_norm(layer.batch_norm, slice(g * width, (g + 1) * width), y) for g, y in enumerate(outs)]
-        return [ACTIVATION_TWINS[layer.activation](y) for y in outs]
+        return [LOOP_ACTIVATIONS[layer.activation](y) for y in outs]
 
     def mlp(self, mlp: BatchedMLP, xs):
         for layer in mlp.layers:
@@ -129,7 +131,7 @@ class Twin:
 def gate_path(request, monkeypatch):
     """The fused mixes through the Triton kernels or through the reference fallback."""
     if request.param == "reference":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 
@@ -145,14 +147,14 @@ def _randomize_batch_norms(model, seed=1):
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
 
 
-def compare(model, twin_method: str, x, *, training: bool):
-    """One forward and backward of ``model`` against its twin: output, dx, every parameter gradient and,
-    in train mode, the BatchNorm running statistics."""
+def compare(model, loop_method: str, x, *, training: bool):
+    """One forward and backward of ``model`` against its loop model: output, dx, every parameter gradient
+    and, in train mode, the BatchNorm running statistics."""
     model.train(training)
-    twin = Twin(model, training)
+    loop_model = LoopModel(model, training)
     model.zero_grad()
     xr = x.double().clone().requires_grad_()
-    ref = getattr(twin, twin_method)(model, xr)
+    ref = getattr(loop_model, loop_method)(model, xr)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (ref * g).sum().backward()
     params = dict(model.named_parameters())
@@ -168,7 +170,7 @@ def compare(model, twin_method: str, x, *, training: bool):
     for name, p in params.items():
         assert_matches(p.grad, want[name], torch.float32, name)
     buffers = dict(model.named_buffers())
-    for name, expected in twin.running.items():
+    for name, expected in loop_model.running.items():
         assert_matches(buffers[name], expected, torch.float32, name)
     return out
 
@@ -201,6 +203,8 @@ MMOE_CONFIGS = {
         dict(activation="leaky_relu", tower_hidden=3, tower_activation="sigmoid", tower_batch_norm=True),
         ("attention",),
     ),
+    # every activation the kernels support is a layer option, gelu and silu included
+    "gelu_silu": (dict(activation="gelu", tower_hidden=3, tower_activation="silu"), ("softmax",)),
 }
 CASES = [(name, gate) for name, (_, gates) in MMOE_CONFIGS.items() for gate in gates]
 
@@ -224,13 +228,13 @@ def build_ple(name, gate, device, levels=2):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("name", "gate"), CASES)
-def test_mmoe_matches_twin(name, gate, training, gate_path, device):
+def test_mmoe_matches_loop_model(name, gate, training, gate_path, device):
     compare(build_mmoe(name, gate, device), "mmoe", torch.randn(7, 10, device=device), training=training)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("name", "gate"), CASES)
-def test_ple_matches_twin(name, gate, training, gate_path, device):
+def test_ple_matches_loop_model(name, gate, training, gate_path, device):
     compare(build_ple(name, gate, device), "ple", torch.randn(6, 10, device=device), training=training)
 
 
@@ -255,7 +259,7 @@ def test_ple_levels(gate, levels, device):
 @pytest.mark.parametrize("layer", ["mmoe", "ple"])
 @pytest.mark.parametrize(("name", "gate"), [("deep_bn", "attention"), ("gate_dnn", "softmax")])
 def test_batch_of_one_and_zero(layer, name, gate, device):
-    """B = 1 (eval: BatchNorm cannot train on one row, as in torch) matches the twin; B = 0 keeps the batch
+    """B = 1 (eval: BatchNorm cannot train on one row, as in torch) matches the loop model; B = 0 keeps the batch
     dimension and backpropagates in train and eval mode."""
     model = (build_mmoe if layer == "mmoe" else build_ple)(name, gate, device)
     out = compare(model, layer, torch.randn(1, 10, device=device), training=False)
@@ -315,7 +319,7 @@ def test_eval_batch_norm_folded_into_the_matmul(per_group_input, activation, dev
 
     def unfolded() -> torch.Tensor:
         z = torch.einsum("bgi,gio->bgo" if per_group_input else "bi,gio->bgo", x, layer.weight) + layer.bias
-        return ACTIVATION_TWINS[activation](bn(z.flatten(1)).unflatten(1, z.shape[1:]))
+        return LOOP_ACTIVATIONS[activation](bn(z.flatten(1)).unflatten(1, z.shape[1:]))
 
     grad_y = torch.randn(7, 3, 4, device=device)
     results = []
@@ -372,9 +376,9 @@ def test_cgc_shared_gate_over_shared_experts_only():
 
 
 @pytest.mark.parametrize("gate", ["attention", "softmax"])
-def test_ple_shared_gate_experts_matches_twin(gate, gate_path, monkeypatch, device):
+def test_ple_shared_gate_experts_matches_loop_model(gate, gate_path, monkeypatch, device):
     """``shared_gate_experts="shared"`` in training, in eval with autograd (two steps), and in inference, where
-    each level runs as one ``experts_mix`` kernel on the kernels' path."""
+    each level runs as one ``experts_mix`` kernel on the kernels' path (its reference on the other)."""
     torch.manual_seed(0)
     model = fg.PLE(10, 2, 2, 1, (6, 5), num_levels=3, gate=gate, shared_gate_experts="shared", tower_hidden=3)
     model = model.to(device)
@@ -382,12 +386,14 @@ def test_ple_shared_gate_experts_matches_twin(gate, gate_path, monkeypatch, devi
     x = torch.randn(6, 10, device=device)
     for training in (True, False):
         compare(model, "ple", x, training=training)
-    launches = LaunchCounter(monkeypatch, experts_mix.experts_mix_kernel, gate_mix_fwd.gate_mix_fwd_kernel)
+    kernels = (experts_mix.experts_mix_one_pass_kernel, experts_mix.experts_mix_two_pass_kernel)
+    launches = LaunchCounter(monkeypatch, *kernels, gate_mix_fwd.gate_mix_fwd_kernel)
     with torch.no_grad():
         out = model(x)
-        want = Twin(model, training=False).ple(model, x.double())
+        want = LoopModel(model, training=False).ple(model, x.double())
     assert_matches(out, want, torch.float32, "inference")
-    assert launches.counts == {"experts_mix_kernel": 3, "gate_mix_fwd_kernel": 0}
+    one_kernel = launches.counts["experts_mix_one_pass_kernel"] + launches.counts["experts_mix_two_pass_kernel"]
+    assert (one_kernel, launches.counts["gate_mix_fwd_kernel"]) == ((3, 0) if gate_path == "kernels" else (0, 0))
     all_experts = fg.PLE(10, 2, 2, 1, (6, 5), num_levels=3, gate=gate, tower_hidden=3).to(device).eval()
     weights = {name: value for name, value in model.state_dict().items() if not name.endswith(".mask")}
     all_experts.load_state_dict(weights, strict=False)  # the gate masks are buffers: each model keeps its own
@@ -455,7 +461,7 @@ def test_compile_with_symbolic_floats(device):
         (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=0), "num_levels"),
         (lambda: fg.MMoE(4, 2, (3, 0), 2), "expert_hidden must be an int >= 1"),
         (lambda: fg.PLE(4, 2, 1, 1, ()), "expert_hidden must be"),
-        (lambda: fg.MMoE(4, 2, 3, 2, activation="gelu"), "activation must be one of"),
+        (lambda: fg.MMoE(4, 2, 3, 2, activation="softplus"), "activation must be one of"),
         (lambda: fg.MMoE(4, 2, 3, 2, dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
         (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden=(2,), tower_dropout=-0.1), "dropout must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="attention", gate_hidden=(4,)), "attention gate has none"),
@@ -491,7 +497,7 @@ def test_rejects_bad_options(build, match):
         (lambda: fg.MMoE(5, 4, 4, 2, gate="softmax", gate_bias="False"), TypeError, "gate_bias must be a bool"),
         (lambda: fg.MMoE(5, 4, 4, 2, tower_batch_norm="yes"), TypeError, "tower_batch_norm must be a bool"),
         # names and probabilities, the tower options too even without towers
-        (lambda: fg.MMoE(5, 4, 4, 2, tower_activation="gelu"), ValueError, "activation must be one of"),
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_activation="softplus"), ValueError, "activation must be one of"),
         (lambda: fg.MMoE(5, 4, 4, 2, activation=None), TypeError, "activation must be a name"),
         (lambda: fg.MMoE(5, 4, 4, 2, tower_dropout="0.1"), TypeError, "dropout must be a probability"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="softmax", gate_hidden=(2.5,)), TypeError, "gate_hidden must be"),

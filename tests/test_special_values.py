@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_gate as fg
-import fused_gate.ops
+import fused_gate.dispatch
 from fused_gate.kernels.config import tile_config
 
 from .conftest import assert_matches
@@ -34,7 +34,7 @@ NAN, INF = float("nan"), float("inf")
 def path(request, monkeypatch, device) -> str:
     """Run the public ops through the kernels or through the plain-PyTorch fallback."""
     if request.param == "fallback":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 
@@ -287,7 +287,7 @@ FAST_PATH_CASES = {
 def test_fallback_fast_path_hits_and_misses(case, monkeypatch, device):
     """The float32 fallback against the float64 reference (which always takes the exact path); the exact
     rules run exactly when a special value defeats the fast path, forward and backward apart."""
-    monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     exact = {"forward": 0, "backward": 0}
     for name, key in (("gate_weights", "forward"), ("_weight_grads", "backward")):
         original = getattr(fg.reference, name)
@@ -315,7 +315,7 @@ def test_fallback_fast_path_hits_and_misses(case, monkeypatch, device):
 def test_fallback_fast_path_of_the_attention_gate(monkeypatch, device):
     """The attention gate's fast path (finite scores, a masked row, top-k) and its exact rules (an expert
     output of inf that only a masked task sees) against float64."""
-    monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     h, context, grad_y = make_inputs(5, 4, 6, 3, device=device)
     mask = torch.tensor([[True, False, True, True], [False, False, False, False], [True] * 4], device=device)
     for top_k in (None, 2):
@@ -328,7 +328,7 @@ def test_fallback_fast_path_of_the_attention_gate(monkeypatch, device):
 def test_fallback_through_the_custom_op_under_torch_compile(op, monkeypatch, device):
     """Compiled, the fallback runs behind the custom op (its backward recomputes p), fast path and exact
     rules alike; eager, it calls the reference's function. Both give the same values."""
-    monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     h, context, grad_y = make_inputs(4, 3, 5, 2, device=device)
     logits = torch.randn(4, 2, 3, device=device)
     inputs = [h, context] if op == "attention_mix" else [logits, h]

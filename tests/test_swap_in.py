@@ -23,9 +23,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gate
-import fused_gate.ops
+import fused_gate.dispatch
 from bench.swap_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
 from fused_gate.integrations import _gates
+from fused_gate.kernels import gate_mix_bwd, gate_mix_fwd
 from fused_gate.op_names import SCHEMA_VERSION
 
 from .conftest import assert_matches
@@ -83,7 +84,7 @@ def assert_same_step(original, swapped, inputs, what=""):
 def gate_path(request, monkeypatch):
     """Route softmax_mix to the Triton kernels or to the reference; yields the kernel launch counts."""
     if request.param == "reference":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     launches = {"forward": 0, "backward": 0}
 
     def counted(kind, fn):
@@ -94,8 +95,8 @@ def gate_path(request, monkeypatch):
 
         return run
 
-    monkeypatch.setattr(fused_gate.ops, "gate_mix_forward", counted("forward", fused_gate.ops.gate_mix_forward))
-    monkeypatch.setattr(fused_gate.ops, "gate_mix_backward", counted("backward", fused_gate.ops.gate_mix_backward))
+    monkeypatch.setattr(gate_mix_fwd, "plan_forward", counted("forward", gate_mix_fwd.plan_forward))
+    monkeypatch.setattr(gate_mix_bwd, "plan_backward", counted("backward", gate_mix_bwd.plan_backward))
     return request.param, launches
 
 
@@ -162,9 +163,9 @@ def test_deepcopy_and_checkpoints(name, device):
     swapped.eval()
     want = model(inputs)
 
-    twin = copy.deepcopy(swapped)
-    assert type(twin) is type(swapped)
-    assert_matches(twin(inputs), want, torch.float32, "deepcopy")
+    copied = copy.deepcopy(swapped)
+    assert type(copied) is type(swapped)
+    assert_matches(copied(inputs), want, torch.float32, "deepcopy")
 
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)  # the original's checkpoint into a fresh swapped model

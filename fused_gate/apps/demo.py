@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 
 import fused_gate as fg
+from fused_gate._validation import MAX_EXPERTS
 from fused_gate.apps.arguments import device, integer, real
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import Progress, train
-from fused_gate.kernels.config import MAX_EXPERTS
-
-GATES = ("softmax", "attention")
+from fused_gate.layers import GATES
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -24,9 +24,9 @@ import torch
 
 import fused_gate as fg
 from fused_gate._interpreter import interpreter_problem
+from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
 from fused_gate.apps.arguments import device, integer
 from fused_gate.kernels import INTERPRETED
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -46,8 +46,8 @@ import fused_gate as fg
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import History, Progress, train
 from fused_gate.kernels import INTERPRETED
+from fused_gate.layers import GATES
 
-GATES = ("softmax", "attention")
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 MAX_WIDENINGS = 2  # grid points added on one side before a winner on the edge is reported as such
 VERDICT_SE = 2.0  # a difference of means beyond this many standard errors is a verdict, else a tie

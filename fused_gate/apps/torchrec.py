@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
+from fused_gate.layers import GATES
+
 if TYPE_CHECKING:  # TorchRec takes seconds to import: the app imports it after parsing, so --help answers at once
     import torch
     from torch import Tensor, nn
@@ -43,7 +45,6 @@ SHARDINGS = ("table_wise", "row_wise", "column_wise", "data_parallel")
 PLANS = (*SHARDINGS, "mixed")  # "mixed": table i is placed by SHARDINGS[i % 4]
 OVER_ARCHS = ("mmoe", "ple")
 OVER_ARCH_NAMES = {"mmoe": "MMoE", "ple": "PLE"}
-GATES = ("attention", "softmax")
 EVAL_BATCHES = 4
 INSTALL = (
     "bash scripts/dev.sh installs it on a CPU; elsewhere pip install '.[torchrec]', then TorchRec 1.8.0 and "

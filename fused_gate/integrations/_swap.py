@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
 from fused_gate.integrations._gates import GateLayout
-from fused_gate.kernels.config import MAX_EXPERTS, MAX_TASKS
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -273,7 +273,7 @@ def to_fused(model: nn.Module) -> FusedMultiTask:
             ``forward`` (or, for ``PLE``, ``cgc_net``), which the converted model would not compute; a
             subclass that keeps them is converted, as ``swap_in`` swaps it.
         ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
-            Sigmoid, Tanh, LeakyReLU(0.01) or linear (PReLU and Dice have learned parameters), or a PLE
+            LeakyReLU(0.01), GELU, SiLU, Sigmoid, Tanh or linear (PReLU and Dice have learned parameters), or a PLE
             with fewer shared experts built than it uses.
     """
     if isinstance(model, MMOE):

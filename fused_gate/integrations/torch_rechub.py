@@ -278,8 +278,9 @@ def to_fused(model: nn.Module) -> FusedMultiTask:
             ``forward`` (as are its ``CGC`` levels), which the converted model would not compute; a subclass
             that keeps the library's ``forward`` is converted, as ``swap_in`` swaps it.
         ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
-            Sigmoid, Tanh, LeakyReLU(0.01) (PReLU and Dice have learned parameters), towers or experts of
-            different widths, activations or dropout, a gate with dropout after its softmax.
+            LeakyReLU(0.01), GELU, SiLU, Sigmoid, Tanh or identity (PReLU and Dice have learned parameters),
+            towers or experts of different widths, activations or dropout, a gate with dropout after its
+            softmax.
     """
     if isinstance(model, MMOE):
         refuse_overridden(model, MMOE, FusedMMOE.reproduces, "torch-rechub", "model")
