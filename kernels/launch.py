@@ -51,11 +51,11 @@ _UNTRACED_OPTIONS = ("maxnreg",)
 def traced_launches() -> Iterator[None]:
     """Within it, launches are recorded into the graph being traced (``torch.library.wrap_triton``)
     instead of run: how AOTInductor sees the kernels and compiles them into its package."""
-    _TRACING.on = True
+    outer, _TRACING.on = getattr(_TRACING, "on", False), True
     try:
         yield
     finally:
-        _TRACING.on = False
+        _TRACING.on = outer
 
 
 @dataclass(frozen=True)

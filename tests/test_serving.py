@@ -17,6 +17,7 @@ Triton kernels into the package, and the child runs it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -249,6 +250,22 @@ def test_eval_export_traces_the_one_kernel_path(monkeypatch):
         torch.testing.assert_close(program.module()(x), model(x))
     assert len(calls) == 2, "export and eager mode each call experts_mix once"
     assert not any("fused_gate" in str(node.target) for node in program.graph.nodes)
+
+
+def test_aot_compilation_records_the_kernel_launches():
+    """What AOTInductor compiles from the ops on CUDA (``tests/serving_trace.py``, traced without a GPU): the
+    kernels' launches with a grid that follows the batch size and their warps, no fused_gate operator."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "tests.serving_trace"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert not [target for target in report["targets"] if "fused_gate" in target], report["targets"]
+    kernels = ["gate_mix_fwd_kernel"] * 2 + ["experts_mix_one_pass_kernel", "experts_mix_two_pass_kernel"]
+    assert [launch["kernel"] for launch in report["launches"]] == kernels
+    for launch in report["launches"]:
+        assert launch["symbolic_grid"] and launch["options"], launch
+        assert "maxnreg" not in launch["arguments"], "a launch option Inductor does not take reached the kernel"
 
 
 @pytest.mark.skipif(
