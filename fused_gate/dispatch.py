@@ -23,13 +23,17 @@ Exported and AOTInductor-compiled models hold no fused_gate operator where they 
 reference's plain ATen ops, and keeps the op, one node, where the kernels are compiled (CUDA); when
 AOTInductor compiles that node, the op turns into its kernel launches
 (``torch.library.wrap_triton``), which Inductor compiles into the package. ``torch.compile`` keeps
-every op one opaque node, as in eager mode.
+every op one opaque node, as in eager mode. Within :func:`export_as_reference`, ``torch.export`` and
+``ExportedProgram.run_decompositions`` trace the reference's ATen ops on every device: a program exported
+on CUDA then loads where fused_gate is not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -99,6 +103,24 @@ def reference_call(device_tensor: Tensor, *tensors: Tensor | None) -> bool | Non
     return None
 
 
+_AS_REFERENCE = contextvars.ContextVar("export_as_reference", default=False)
+
+
+@contextlib.contextmanager
+def export_as_reference() -> Iterator[None]:
+    """Within it, ``torch.export.export`` and ``ExportedProgram.run_decompositions`` trace every fused op
+    as its reference's plain ATen ops on every device, as ``torch.export`` does on a CPU: a program
+    exported on CUDA (which keeps the ops, one node each, for AOTInductor to compile their kernels) then
+    saves (``torch.export.save``) as one that loads and runs where fused_gate is not installed, on
+    PyTorch's own kernels: ``with export_as_reference(): portable = program.run_decompositions()``.
+    """
+    token = _AS_REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _AS_REFERENCE.reset(token)
+
+
 def _device_tensor(args: tuple) -> Tensor:
     """The op's first tensor argument: the one whose device decides where the op runs."""
     return next(a for a in args if isinstance(a, Tensor))
@@ -108,9 +130,10 @@ class FusedOp:
     """A registered op and its reference implementation, called as the op.
 
     While ``torch.export`` traces a call on a device without compiled kernels (a CPU, interpreted
-    kernels included), the call runs the reference instead: the exported graph holds its plain ATen
-    ops (the exact formulation, no data-dependent branch: the fast path never applies while tracing),
-    so neither the graph nor an AOTInductor package built from it needs fused_gate where it runs.
+    kernels included) or within :func:`export_as_reference`, the call runs the reference instead: the
+    exported graph holds its plain ATen ops (the exact formulation, no data-dependent branch: the fast
+    path never applies while tracing), so neither the graph nor an AOTInductor package built from it
+    needs fused_gate where it runs.
     Everywhere else the call is the op's (one node under ``torch.compile`` and ``torch.export``).
     ``register_fake``, ``register_autograd`` and the op's other attributes are the op's.
     """
@@ -119,7 +142,7 @@ class FusedOp:
         self.op, self.reference = op, reference
 
     def __call__(self, *args):
-        if torch.compiler.is_exporting() and not compiled_kernels(_device_tensor(args)):
+        if torch.compiler.is_exporting() and (_AS_REFERENCE.get() or not compiled_kernels(_device_tensor(args))):
             return self.reference(*args)
         return self.op(*args)
 
@@ -134,14 +157,18 @@ def _aot_compiling() -> bool:
     return V.aot_compilation
 
 
-def _launches_when_aot_compiled(run: Callable) -> Callable:
-    """The op's rule under functionalization (``FunctionalTensorMode``, where AOTInductor lowers a graph):
-    while AOTInductor compiles a call on compiled kernels, the op is replaced by ``run``'s kernel
-    launches, recorded with ``torch.library.wrap_triton`` so that Inductor compiles the kernels into the
-    package, as ``torch.library.triton_op`` does; elsewhere (``torch.compile``, ``torch.export``,
-    ``ExportedProgram.run_decompositions``) the op stays one node."""
+def _functional_rule(run: Callable, reference: Callable) -> Callable:
+    """The op's rule under functionalization (``FunctionalTensorMode``, where AOTInductor lowers a graph and
+    ``ExportedProgram.run_decompositions`` retraces one): while AOTInductor compiles a call on compiled
+    kernels, the op is replaced by ``run``'s kernel launches, recorded with ``torch.library.wrap_triton``
+    so that Inductor compiles the kernels into the package, as ``torch.library.triton_op`` does; within
+    :func:`export_as_reference`, by the reference's ATen ops; elsewhere (``torch.compile``,
+    ``torch.export``) the op stays one node."""
 
     def rule(mode, op, types, args, kwargs):
+        if _AS_REFERENCE.get():
+            with mode:
+                return reference(*args, **kwargs)
         if not (_aot_compiling() and compiled_kernels(_device_tensor(args))):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         from fused_gate.kernels.launch import traced_launches
@@ -168,7 +195,7 @@ def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], FusedOp]
             return (kernels if uses_kernels(_device_tensor(args)) else reference)(*args)
 
         op = torch.library.custom_op(op_name(name), run, mutates_args=())
-        op.register_torch_dispatch(FunctionalTensorMode, _launches_when_aot_compiled(run))
+        op.register_torch_dispatch(FunctionalTensorMode, _functional_rule(run, reference))
         return FusedOp(op, reference)
 
     return register

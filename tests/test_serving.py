@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import fused_gate as fg
+import fused_gate.dispatch
 from bench.swap_models import MODELS
 from fused_gate._validation import GATES
 
@@ -153,6 +155,26 @@ def export(models: dict[str, nn.Module], inputs: dict[str, tuple]) -> torch.expo
         return torch.export.export(Served(models), (inputs,), dynamic_shapes=(_batch_dims(inputs, batch),))
 
 
+def export_keeping_ops(models: dict[str, nn.Module], inputs: dict[str, tuple]) -> torch.export.ExportedProgram:
+    """:func:`export` as on CUDA's compiled kernels, whose program keeps the fused ops (one node each, run
+    here by the interpreted kernels)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_gate.dispatch, "compiled_kernels", lambda x: True)
+        return export(models, inputs)
+
+
+def fused_targets(program: torch.export.ExportedProgram) -> set[str]:
+    return {str(node.target) for node in program.graph.nodes if "fused_gate" in str(node.target)}
+
+
+def foreign_targets(program: torch.export.ExportedProgram) -> set[str]:
+    """The graph's call targets other than ATen operators and Python's ``operator`` functions (``getitem``
+    and the batch size's arithmetic)."""
+    targets = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    aten = {t for t in targets if isinstance(t, torch._ops.OpOverload) and t.namespace == "aten"}
+    return {str(t) for t in targets - aten if getattr(operator, getattr(t, "__name__", ""), None) is not t}
+
+
 def run_without_fused_gate(folder: Path, inputs: dict[str, dict[int, dict]]) -> dict:
     """Run ``tests/serving_child.py`` on ``folder`` (from a temporary working directory, with a clean
     ``PYTHONPATH``) and return its outputs."""
@@ -185,8 +207,9 @@ def assert_outputs_match(got, want, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict:
-    """Export every served model (the program, saved) and ``PACKAGED`` (one AOTInductor package) on the
-    CPU, run both in the child and compute eager mode's outputs."""
+    """Export every served model (the program, saved) and ``PACKAGED`` (one AOTInductor package, and a
+    program that keeps the ops as on CUDA, then saved as traced by :func:`fused_gate.export_as_reference`)
+    on the CPU, run them in the child and compute eager mode's outputs."""
     folder = tmp_path_factory.mktemp("served")
     models = served_models("cpu")
     packaged = {name: model for name, model in models.items() if name in PACKAGED}
@@ -197,28 +220,31 @@ def served(tmp_path_factory) -> dict:
     torch._inductor.aoti_compile_and_package(
         export(packaged, package_inputs[BATCHES[0]]), package_path=str(folder / "package.pt2")
     )
-    outputs = run_without_fused_gate(folder, {"program": inputs, "package": package_inputs})
+    kept = export_keeping_ops(packaged, package_inputs[BATCHES[0]])
+    with fg.export_as_reference():
+        portable = kept.run_decompositions()
+    torch.export.save(portable, folder / "portable.pt2")
+    runs = {"program": inputs, "package": package_inputs, "portable": package_inputs}
+    outputs = run_without_fused_gate(folder, runs)
     want = {batch: eager(models, inputs[batch]) for batch in BATCHES}
-    return dict(program=program, outputs=outputs, want=want, package=folder / "package.pt2")
+    return dict(
+        program=program, kept=kept, portable=portable, outputs=outputs, want=want, package=folder / "package.pt2"
+    )
 
 
-@pytest.mark.slow
 def test_cpu_program_holds_aten_ops_only(served):
     """No fused_gate operator, higher-order op or data-dependent value (``.item()``, ``nonzero``) in the graph."""
+    assert not foreign_targets(served["program"])
     targets = {node.target for node in served["program"].graph.nodes if node.op == "call_function"}
-    foreign = {str(t) for t in targets if not (isinstance(t, torch._ops.OpOverload) and t.namespace == "aten")}
-    assert foreign <= {"<built-in function getitem>"}, foreign
     data_dependent = {str(t) for t in targets if t.__name__.split(".")[0] in ("_local_scalar_dense", "item", "nonzero")}
     assert not data_dependent
 
 
-@pytest.mark.slow
 def test_cpu_program_runs_without_fused_gate(served):
     for batch in BATCHES:
         assert_outputs_match(served["outputs"]["program"][batch], served["want"][batch], f"program B={batch}")
 
 
-@pytest.mark.slow
 def test_cpu_package_runs_without_fused_gate(served):
     with zipfile.ZipFile(served["package"]) as package:
         assert any(name.endswith(".so") for name in package.namelist())
@@ -227,7 +253,6 @@ def test_cpu_package_runs_without_fused_gate(served):
         assert_outputs_match(got, {name: served["want"][batch][name] for name in got}, f"package B={batch}")
 
 
-@pytest.mark.slow
 def test_special_values_through_the_package(served):
     """NaN and inf expert outputs, -inf logits and fully masked rows keep their rules in the package."""
     y, y_softmax, p = served["outputs"]["package"][BATCHES[1]]["special_values"]
@@ -237,6 +262,30 @@ def test_special_values_through_the_package(served):
     assert p[3, 1, 1] == 0 and (p[5, 0, :2] == 0).all(), "-inf and masked experts get weight 0"
     want = served["want"][BATCHES[1]]["special_values"]
     assert_outputs_match((y, y_softmax, p), want, "special values")
+
+
+def test_program_keeping_the_ops_runs_without_fused_gate_as_reference(served):
+    """A program that keeps the fused ops (as on CUDA) retraced within ``export_as_reference`` holds ATen ops
+    only, and runs in the child equal to eager mode."""
+    assert any("experts_mix" in name for name in fused_targets(served["kept"])), fused_targets(served["kept"])
+    assert not foreign_targets(served["portable"])
+    for batch in BATCHES:
+        got = served["outputs"]["portable"][batch]
+        assert_outputs_match(got, {name: served["want"][batch][name] for name in got}, f"portable B={batch}")
+
+
+def test_export_as_reference_traces_the_reference():
+    """Within ``export_as_reference``, ``torch.export`` traces the reference where it would keep the op; after
+    it, the op again."""
+    model = fg.MMoE(10, 4, 8, 2, gate="softmax", tower_hidden=4).eval()
+    x = torch.randn(5, 10)
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(fused_gate.dispatch, "compiled_kernels", lambda x: True)
+        with fg.export_as_reference():
+            program = torch.export.export(model, (x,))
+        assert fused_targets(torch.export.export(model, (x,)))
+        torch.testing.assert_close(program.module()(x), model(x))
+    assert not foreign_targets(program)
 
 
 def test_eval_export_traces_the_one_kernel_path(monkeypatch):
@@ -282,11 +331,12 @@ def test_aot_compilation_records_the_kernel_launches():
 )
 def test_gpu_package_runs_without_fused_gate(tmp_path):
     """The program keeps the fused ops (the kernels' path, saved and loaded where fused_gate is installed);
-    AOTInductor compiles their Triton kernels into the package, which runs without fused_gate."""
+    AOTInductor compiles their Triton kernels into the package, which runs without fused_gate, and so does
+    the program retraced within ``export_as_reference``, saved and loaded."""
     models = {name: model for name, model in served_models("cuda").items() if name in PACKAGED}
     inputs = {batch: served_inputs(list(models), batch, "cuda") for batch in BATCHES}
     program = export(models, inputs[BATCHES[0]])
-    fused = {str(node.target) for node in program.graph.nodes if "fused_gate" in str(node.target)}
+    fused = fused_targets(program)
     assert any("experts_mix" in name for name in fused) and any("softmax_mix" in name for name in fused), fused
     torch.export.save(program, tmp_path / "saved.pt2")
     loaded = torch.export.load(tmp_path / "saved.pt2").module()
@@ -295,9 +345,14 @@ def test_gpu_package_runs_without_fused_gate(tmp_path):
         contents = b"".join(package.read(name) for name in package.namelist())
     for kernel in (b"gate_mix_fwd_kernel", b"experts_mix_one_pass_kernel"):
         assert kernel in contents, f"the package does not hold {kernel.decode()}"
-    outputs = run_without_fused_gate(tmp_path, {"package": inputs})
+    with fg.export_as_reference():
+        portable = program.run_decompositions()
+    assert not foreign_targets(portable)
+    torch.export.save(portable, tmp_path / "portable.pt2")
+    outputs = run_without_fused_gate(tmp_path, {"package": inputs, "portable": inputs})
     for batch in BATCHES:
         want = eager(models, inputs[batch])
         assert_outputs_match(outputs["package"][batch], want, f"GPU package B={batch}")
+        assert_outputs_match(outputs["portable"][batch], want, f"GPU program as reference, B={batch}")
         with torch.no_grad():
             assert_outputs_match(loaded(inputs[batch]), want, f"GPU program, saved and loaded, B={batch}")
