@@ -7,7 +7,7 @@ entry of a :class:`Served` module, exported once with a dynamic batch size. On a
 graph holds ATen ops only. The program is saved (``torch.export.save``) and a few of its models
 (``PACKAGED``: both gates, training and eval, the one-kernel path, a swapped model, the special values)
 are compiled into one AOTInductor package, the only C++ compilation of the file (about 45 s with
-Inductor's caches off on 2 cores at a load of 5; the whole file takes about TIME there). The same few
+Inductor's caches off on 2 cores at a load of 5 to 7; the whole file takes about 130 s there). The same few
 models are exported as on CUDA (``export_keeping_ops``: the program keeps the fused ops), retraced
 within ``fused_gate.export_as_reference`` and saved. ``tests/serving_child.py`` loads the package and
 both programs in a Python that cannot import fused_gate and runs them at two batch sizes; every output
