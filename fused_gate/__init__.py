@@ -9,7 +9,7 @@ also computes the experts' last layer in the same kernel, so their outputs are n
 
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
 from fused_gate.fused_experts import experts_mix
-from fused_gate.gates import AttentionMix, SoftmaxGate
+from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE
 from fused_gate.ops import attention_mix, softmax_mix, uses_kernels
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PLE",
     "AttentionMix",
+    "InputQueryAttentionMix",
     "MMoE",
     "SoftmaxGate",
     "attention_mix",
