@@ -1,9 +1,9 @@
 """The fused gate ops, registered with ``torch.library`` (fake kernels + autograd).
 
 ``torch.compile(fullgraph=True)`` sees each op as one node (no graph break) and uses the fake
-kernels for shapes. Dispatch (as in the README): CUDA tensors run the Triton kernels; CPU tensors run
-the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import,
-and the plain-PyTorch reference otherwise.
+kernels for shapes. Dispatch (as in docs/semantics.md): CUDA tensors run the Triton kernels; CPU
+tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+import, and the plain-PyTorch reference otherwise.
 """
 
 import torch

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set-up-to-result commands for a fresh clone (the README's commands, and what CI runs):
+# Set-up-to-result commands for a fresh clone (the commands of the README and docs/benchmarks.md, and what CI runs):
 #   bash scripts/dev.sh demo [demo options]    train MMoE with the softmax gate and the attention gate
 #   bash scripts/dev.sh test [pytest options]  the whole test suite (real kernels; interpreted without a GPU)
 #   bash scripts/dev.sh bench [bench options]  the benchmark suite and its report under bench/results/

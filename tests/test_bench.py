@@ -87,7 +87,7 @@ def test_results_folder_keeps_whole_words():
 
 @pytest.mark.slow
 def test_bench_suite_runs_and_reports(tmp_path):
-    """``python -m bench.run`` (the README's command) times every case and writes the report.
+    """``python -m bench.run`` (the command of docs/benchmarks.md) times every case and writes the report.
 
     Without a GPU the child inherits ``TRITON_INTERPRET=1`` from conftest, so the kernels run interpreted.
     """
