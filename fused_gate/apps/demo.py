@@ -7,8 +7,9 @@ The gates: ``softmax`` (the paper's), ``attention`` (one learned query per task)
 from the same seed, see the same batches and train for the same number of steps (Adam, MSE per task).
 The demo prints each gate's final per-task test loss (mean over seeds) and the time per training step of the
 gate op alone, fused vs the plain-PyTorch reference, on the chosen device. It writes a PNG of the
-test-loss curves, one panel per task and correlation. The setup follows the paper: d = 100 inputs, 8 experts of one 16-unit layer,
-8-unit towers. ``--quick`` trains one correlation with one seed (3 trainings instead of 27).
+test-loss curves, one panel per task and correlation. The setup follows the paper: d = 100 inputs,
+8 experts of one 16-unit layer, 8-unit towers. ``--quick`` trains one correlation with one seed (3 trainings
+instead of 27).
 
 On a CPU without ``TRITON_INTERPRET=1`` the fused ops fall back to the reference, so training runs at
 eager speed and the gate timing is not meaningful: the kernels need a GPU.

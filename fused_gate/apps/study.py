@@ -27,9 +27,10 @@ better, each with the rule "better" when ``d < -2 se``, "worse" when ``d > 2 se`
   per-seed differences ``a_s - b_s``, ``se`` their sample standard deviation over ``sqrt(n)``;
 * the paired verdict again on each half of the seeds (two disjoint seed sets), to show whether it holds.
 
-Each worker trains one stack at a time on one CPU thread: all the runs of one gate and setting in one
-phase (the learning-rate sweep, or the seeds at the chosen rate), as one vmapped model
-(``fused_gate.apps.stacked``), which on a CPU costs far less per run than separate trainings. On the CPU
+Each worker trains one stack at a time on one CPU thread: all the runs of one gate in one phase (the
+learning-rate sweep, or the seeds at the chosen rate) on the settings whose models have one shape (the
+three two-task settings share a stack), as one vmapped model (``fused_gate.apps.stacked``), which on a
+CPU costs far less per run than separate trainings. On the CPU
 the gates run the plain-PyTorch reference; with ``TRITON_INTERPRET=1`` every step would go through
 Triton's interpreter, so the study refuses to start. Writes ``results.md``, ``results.json``,
 ``learning_curves.png``, ``gate_entropy.png`` and ``paired_differences.png`` to ``--out``.
@@ -82,11 +83,10 @@ class Setting:
 
 @dataclass(frozen=True)
 class Job:
-    """One stack: the runs ``(lr, seed)`` of one setting and gate, trained together on one worker."""
+    """One stack: runs ``(setting, lr, seed)`` of one gate on settings of one model shape, trained together."""
 
-    setting: Setting
     gate: str
-    runs: tuple[tuple[float, int], ...]
+    runs: tuple[tuple[Setting, float, int], ...]
     split: str  # "validation" for the learning-rate sweep, "test" for the seeds at the chosen rate
 
 
@@ -121,7 +121,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds at the chosen learning rate (default 10)")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds per learning rate in the sweep")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="learning rates swept first (default 3e-3 1e-2 3e-2)")
-    parser.add_argument("--steps", type=int, help="step cap per run (default 20000)")
+    parser.add_argument("--steps", type=int, help="step cap per run (default 30000)")
     parser.add_argument("--eval-every", type=int, help="steps between validation evaluations (default 100)")
     parser.add_argument("--patience", type=int, help="evaluations without improvement before stopping (default 20)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -137,7 +137,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "four_tasks": True,
         "workers": min(2, os.cpu_count() or 1),
         "seeds": 10,
-        "steps": 20000,
+        "steps": 30000,
         "eval_every": 100,
     }
     full |= {"patience": 20, "train_size": 50000, "val_size": 5000, "test_size": 10000}
@@ -191,20 +191,21 @@ def _run_job(job: Job, args: argparse.Namespace) -> JobResult:
     """Train the job's runs as one stack; score each run's best-validation weights on the job's split."""
     torch.set_num_threads(1)
     start, cpu_start = time.perf_counter(), time.process_time()
-    setting = job.setting
-    data = {seed: _splits(setting, seed, args) for seed in dict.fromkeys(seed for _, seed in job.runs)}
+    data = {(s, seed): _splits(s, seed, args) for s, _, seed in job.runs}
     models = []
-    for _, seed in job.runs:
+    for setting, _, seed in job.runs:
         torch.manual_seed(seed)
-        models.append(fg.MMoE(100, setting.experts, 16, setting.tasks, gate=job.gate, tower_hidden=8).to(args.device))
-    x_train, y_train, x_val, y_val = (torch.stack([data[seed][i] for _, seed in job.runs]) for i in range(4))
+        model = fg.MMoE(100, setting.experts, 16, setting.tasks, gate=job.gate, tower_hidden=8)
+        models.append(model.to(args.device))
+    x_train, y_train, x_val, y_val = (torch.stack([data[(s, seed)][i] for s, _, seed in job.runs]) for i in range(4))
     histories = train_stacked(
-        models, x_train, y_train, x_val, y_val, lrs=[lr for lr, _ in job.runs], seeds=[seed for _, seed in job.runs],
-        steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
+        models, x_train, y_train, x_val, y_val, lrs=[lr for _, lr, _ in job.runs],
+        seeds=[seed for _, _, seed in job.runs], steps=args.steps, batch_size=args.batch_size,
+        eval_every=args.eval_every, patience=args.patience,
     )  # fmt: skip
     outcomes = []
-    for (lr, seed), model, history in zip(job.runs, models, histories, strict=True):
-        test_mse = _mse_per_task(model, *data[seed][4:]) if job.split == "test" else []
+    for (setting, lr, seed), model, history in zip(job.runs, models, histories, strict=True):
+        test_mse = _mse_per_task(model, *data[(setting, seed)][4:]) if job.split == "test" else []
         outcomes.append(Outcome(setting, job.gate, lr, seed, job.split, history, test_mse))
     steps = sum(h.steps[-1] for h in histories)
     return JobResult(job, outcomes, time.perf_counter() - start, time.process_time() - cpu_start, steps)
@@ -274,47 +275,58 @@ class _Inline:
 
 
 def _study(args, setting_list, progress, pool) -> tuple[dict, dict, list[JobResult]]:
-    """Sweep each (setting, gate) and train its seeds at the chosen rate, as soon as its sweep is done.
+    """Sweep each gate's learning rate and train its seeds at the chosen rate, as soon as its sweep is done.
 
-    Returns the validation scores per learning rate, the chosen ``(lr, edge)`` and every job's result.
+    The settings whose models have one shape (the three two-task ones) share each stack: one per gate and
+    phase. Returns the validation scores per learning rate, the chosen ``(lr, edge)`` and every job's result.
     """
     sweep_seeds = range(args.sweep_seeds)
     seeds = range(args.sweep_seeds, args.sweep_seeds + args.seeds)  # disjoint from the sweep's seeds
-    # the 4-task setting first: its stacks take longest, so the workers finish together
-    pairs = sorted(((s, g) for s in setting_list for g in args.gates), key=lambda pair: -pair[0].tasks)
-    scores: dict = {pair: {} for pair in pairs}
-    chosen, widenings, results = {}, dict.fromkeys(pairs, 0), []
-    label = lambda job: f"{job.setting.name[:12]} {job.gate[:16]} {job.split[:4]}"
+    groups: dict = {}  # (gate, (experts, tasks)) -> the settings trained in one stack
+    for setting in sorted(setting_list, key=lambda s: -s.tasks):  # the 4-task stacks first: they take longest
+        for gate in args.gates:
+            groups.setdefault((gate, (setting.experts, setting.tasks)), []).append(setting)
+    scores: dict = {(s, g): {} for s in setting_list for g in args.gates}
+    chosen, widenings, results = {}, dict.fromkeys(scores, 0), []
+    progress.total = 2 * len(groups)
 
-    def submit(job: Job) -> tuple[Future, Job]:
-        return pool.submit(_run_job, job, args), job
+    def sweep(gate: str, lrs: dict[Setting, list[float]]) -> Job:
+        return Job(gate, tuple((s, lr, seed) for s in lrs for lr in lrs[s] for seed in sweep_seeds), "validation")
 
-    def sweep(setting, gate, lrs) -> Job:
-        return Job(setting, gate, tuple((lr, seed) for lr in lrs for seed in sweep_seeds), "validation")
+    def submit(job: Job) -> None:
+        pending[pool.submit(_run_job, job, args)] = job
 
-    pending = dict(submit(sweep(s, g, args.lr_grid)) for s, g in pairs)
+    pending: dict[Future, Job] = {}
+    for (gate, _), members in groups.items():
+        submit(sweep(gate, {s: args.lr_grid for s in members}))
     while pending:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             job = pending.pop(future)
             result = future.result()
             results.append(result)
-            progress.step(label(job))
+            names = ", ".join(dict.fromkeys(s.name for s, _, _ in job.runs))
+            progress.step(f"{job.gate} {job.split[:4]} {names}"[:40])
             if job.split == "test":
                 continue
-            pair = (job.setting, job.gate)
-            for lr in dict.fromkeys(lr for lr, _ in job.runs):
-                scores[pair][lr] = sweep_score([o for o in result.outcomes if o.lr == lr])
-            lr, edge = choose_lr(scores[pair])
-            if edge and widenings[pair] < MAX_WIDENINGS:
-                widenings[pair] += 1
+            widen = {}
+            for setting in dict.fromkeys(s for s, _, _ in job.runs):
+                pair = (setting, job.gate)
+                for lr in dict.fromkeys(lr for s, lr, _ in job.runs if s == setting):
+                    scores[pair][lr] = sweep_score([o for o in result.outcomes if (o.setting, o.lr) == (setting, lr)])
+                lr, edge = choose_lr(scores[pair])
+                if edge and widenings[pair] < MAX_WIDENINGS:
+                    widenings[pair] += 1
+                    widen[setting] = [_neighbour_lr(lr, edge)]
+                else:
+                    chosen[pair] = (lr, edge)
+            if widen:
                 progress.total += 1
-                next_job = sweep(*pair, [_neighbour_lr(lr, edge)])
-            else:
-                chosen[pair] = (lr, edge)
-                next_job = Job(*pair, tuple((lr, seed) for seed in seeds), "test")
-            future, job = submit(next_job)
-            pending[future] = job
+                submit(sweep(job.gate, widen))
+            members = groups[(job.gate, (job.runs[0][0].experts, job.runs[0][0].tasks))]
+            if not widen and all((s, job.gate) in chosen for s in members):  # the group's last sweep: its seeds start
+                runs = tuple((s, chosen[(s, job.gate)][0], seed) for s in members for seed in seeds)
+                submit(Job(job.gate, runs, "test"))
     return scores, chosen, results
 
 
@@ -552,7 +564,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.seeds} seeds; <= {args.steps} steps of {args.batch_size}, patience {args.patience} x "
         f"{args.eval_every} steps; {args.workers} worker(s) on {args.device}, torch {torch.__version__}"
     )
-    progress = Progress(len(setting_list) * len(gates) * 2)
+    progress = Progress(0)  # _study counts the stacks
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         pool = _Inline()
