@@ -122,8 +122,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds per learning rate in the sweep")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="learning rates swept first (default 3e-3 1e-2 3e-2)")
     parser.add_argument("--steps", type=int, help="step cap per run (default 30000)")
-    parser.add_argument("--eval-every", type=int, help="steps between validation evaluations (default 100)")
-    parser.add_argument("--patience", type=int, help="evaluations without improvement before stopping (default 20)")
+    parser.add_argument("--eval-every", type=int, help="steps between validation evaluations (default 200)")
+    parser.add_argument("--patience", type=int, help="evaluations without improvement before stopping (default 10)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-size", type=int, help="default 50000")
     parser.add_argument("--val-size", type=int, help="default 5000")
@@ -138,9 +138,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "workers": min(2, os.cpu_count() or 1),
         "seeds": 10,
         "steps": 30000,
-        "eval_every": 100,
+        "eval_every": 200,
     }
-    full |= {"patience": 20, "train_size": 50000, "val_size": 5000, "test_size": 10000}
+    full |= {"patience": 10, "train_size": 50000, "val_size": 5000, "test_size": 10000}
     quick = {
         "correlations": [0.5],
         "four_tasks": False,
@@ -190,6 +190,9 @@ def _splits(setting: Setting, seed: int, args: argparse.Namespace) -> tuple[torc
 def _run_job(job: Job, args: argparse.Namespace) -> JobResult:
     """Train the job's runs as one stack; score each run's best-validation weights on the job's split."""
     torch.set_num_threads(1)
+    # A gate that puts nearly all its weight on one expert leaves the others' weights subnormal (below 1e-38),
+    # and subnormal float arithmetic is slow on CPUs: flushed to 0, a step of such a run costs about 10% less.
+    torch.set_flush_denormal(True)
     start, cpu_start = time.perf_counter(), time.process_time()
     data = {(s, seed): _splits(s, seed, args) for s, _, seed in job.runs}
     models = []
@@ -283,7 +286,7 @@ def _study(args, setting_list, progress, pool) -> tuple[dict, dict, list[JobResu
     sweep_seeds = range(args.sweep_seeds)
     seeds = range(args.sweep_seeds, args.sweep_seeds + args.seeds)  # disjoint from the sweep's seeds
     groups: dict = {}  # (gate, (experts, tasks)) -> the settings trained in one stack
-    for setting in sorted(setting_list, key=lambda s: -s.tasks):  # the 4-task stacks first: they take longest
+    for setting in setting_list:
         for gate in args.gates:
             groups.setdefault((gate, (setting.experts, setting.tasks)), []).append(setting)
     scores: dict = {(s, g): {} for s in setting_list for g in args.gates}
@@ -294,11 +297,20 @@ def _study(args, setting_list, progress, pool) -> tuple[dict, dict, list[JobResu
         return Job(gate, tuple((s, lr, seed) for s in lrs for lr in lrs[s] for seed in sweep_seeds), "validation")
 
     def submit(job: Job) -> None:
-        pending[pool.submit(_run_job, job, args)] = job
+        waiting.append(job)
+
+    def start() -> None:
+        """Keep one stack per worker: the sweeps first (the seeds wait for them), then the largest."""
+        waiting.sort(key=lambda job: (job.split == "test", -sum(s.experts for s, _, _ in job.runs)))
+        while waiting and len(pending) < args.workers:
+            job = waiting.pop(0)
+            pending[pool.submit(_run_job, job, args)] = job
 
     pending: dict[Future, Job] = {}
+    waiting: list[Job] = []
     for (gate, _), members in groups.items():
         submit(sweep(gate, {s: args.lr_grid for s in members}))
+    start()
     while pending:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
@@ -327,6 +339,7 @@ def _study(args, setting_list, progress, pool) -> tuple[dict, dict, list[JobResu
             if not widen and all((s, job.gate) in chosen for s in members):  # the group's last sweep: its seeds start
                 runs = tuple((s, chosen[(s, job.gate)][0], seed) for s in members for seed in seeds)
                 submit(Job(job.gate, runs, "test"))
+        start()
     return scores, chosen, results
 
 
@@ -479,7 +492,7 @@ def _save(plt, fig, title: str, path: Path) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=len(entries), fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -489,7 +502,7 @@ def plot_learning_curves(plt, setting_list, gates, finals, path: Path) -> None:
     columns = max(s.tasks for s in setting_list)
     from matplotlib import ticker
 
-    size = (3.6 * columns, 2.9 * len(setting_list) + 0.5)
+    size = (max(3.6 * columns, 8.0), 2.9 * len(setting_list) + 0.5)
     fig, axes = plt.subplots(len(setting_list), columns, figsize=size, squeeze=False, layout="constrained")
     for row, setting in zip(axes, setting_list, strict=True):
         for task, ax in enumerate(row):
@@ -507,7 +520,7 @@ def plot_learning_curves(plt, setting_list, gates, finals, path: Path) -> None:
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             _label(ax, f"{setting.name}: task {task + 1}", "validation MSE")
-    title = "MMoE validation MSE per task, one line per seed (dot: best step, whose weights are tested)"
+    title = "Validation MSE per task, one line per seed; dot: the best step, whose weights are tested"
     _save(plt, fig, title, path)
 
 
@@ -522,7 +535,7 @@ def plot_gate_entropy(plt, setting_list, gates, finals, path: Path) -> None:
                 ax.plot(o.history.steps, entropy, color=COLORS[g], alpha=0.4, lw=0.8, label=g if i == 0 else None)
         ax.set_ylim(0, 1.02)
         _label(ax, setting.name, "gate entropy / log E")
-    _save(plt, fig, "Gate weights' entropy on the validation rows (1 = uniform over experts, 0 = one expert)", path)
+    _save(plt, fig, "Gate entropy on the validation rows, one line per seed (1: uniform, 0: one expert)", path)
 
 
 def plot_paired_differences(plt, setting_list, rows: list[dict], path: Path) -> None:
@@ -545,7 +558,7 @@ def plot_paired_differences(plt, setting_list, rows: list[dict], path: Path) -> 
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(1, setting.tasks + 1))
         _label(ax, setting.name, "test MSE difference", "task")
-    title = f"Per-seed test-MSE differences between gates (same seed, same data); bar: mean ± {VERDICT_SE:g} se"
+    title = f"Per-seed test-MSE differences (same seed, same data); bar: mean ± {VERDICT_SE:g} paired se"
     _save(plt, fig, title, path)
 
 
