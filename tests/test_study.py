@@ -43,6 +43,19 @@ def test_paired_verdict_uses_the_spread_of_the_per_seed_differences():
         study.paired_verdict([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
+def test_the_summary_counts_verdicts_and_compares_the_halves():
+    def row(unpaired, paired, halves):
+        verdicts = {"verdict": unpaired, "paired_verdict": paired, "half_verdicts": halves}
+        return {"gate": "attention", "against": "softmax"} | verdicts
+
+    rows = [
+        row("tie", "worse", ["worse", "worse"]),
+        row("tie", "tie", ["better", "worse"]),
+        row("worse", "worse", ["tie", "worse"]),
+    ]
+    assert "| attention - softmax | 0 / 2 / 1 | 0 / 1 / 2 | 1 of 3 | 1 of 3 |" in study.verdict_summary(rows)
+
+
 @pytest.mark.parametrize(("n", "first", "second"), [(10, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), (5, [0, 1], [3, 4])])
 def test_halves_are_disjoint_seed_sets_of_equal_size(n, first, second):
     assert study.halves(list(range(n))) == (first, second)

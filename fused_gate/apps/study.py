@@ -431,18 +431,21 @@ def comparison_table(rows: list[dict], seeds: int) -> str:
 
 
 def verdict_summary(rows: list[dict]) -> str:
-    """Markdown: per comparison, how many cells each verdict got, and how often the two halves agree."""
+    """Markdown: per comparison, how many cells each verdict got, and how the two halves' paired verdicts compare:
+    the same word, or opposite verdicts (better in one half, worse in the other)."""
     lines = [
-        "| gate - against | unpaired: better / tie / worse | paired: better / tie / worse | halves agree |",
-        "| --- | --- | --- | --- |",
+        "| gate - against | unpaired: better / tie / worse | paired: better / tie / worse "
+        "| halves: same verdict | halves: opposite verdicts |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for a, b in dict.fromkeys((r["gate"], r["against"]) for r in rows):
         mine = [r for r in rows if (r["gate"], r["against"]) == (a, b)]
         counts = [" / ".join(str(sum(r[key] == w for r in mine)) for w in ("better", "tie", "worse")) for key in
                   ("verdict", "paired_verdict")]  # fmt: skip
         split = [r["half_verdicts"] for r in mine if "half_verdicts" in r]
-        agree = f"{sum(h[0] == h[1] for h in split)} of {len(split)}" if split else "-"
-        lines.append(f"| {a} - {b} | {counts[0]} | {counts[1]} | {agree} |")
+        same = f"{sum(h[0] == h[1] for h in split)} of {len(split)}" if split else "-"
+        opposite = f"{sum(set(h) == {'better', 'worse'} for h in split)} of {len(split)}" if split else "-"
+        lines.append(f"| {a} - {b} | {counts[0]} | {counts[1]} | {same} | {opposite} |")
     return "\n".join(lines)
 
 
