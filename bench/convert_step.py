@@ -1,14 +1,16 @@
-"""Time one training step of torch-rechub / DeepCTR-Torch MMOE and PLE, original vs converted by ``to_fused``.
+"""Time torch-rechub / DeepCTR-Torch MMOE and PLE, original against ``to_fused``: training step and inference.
 
-    TRITON_INTERPRET=0 python -m bench.convert_step [--batch 1024] [--experts 8] [--hidden 64,32] [--threads N]
+    TRITON_INTERPRET=0 python -m bench.convert_step [--batch 256,1024,8192] [--modes train,infer] [--hidden 64,32]
 
-The step (forward, a weighted sum of the outputs, backward, SGD update, in train mode), the models and
-the alternating timing rounds are those of ``bench.swap_in_step``; ``--hidden`` takes the experts' widths,
-comma-separated. The converted model evaluates each level's experts as one batched matmul per layer, its
-gates and towers likewise, and mixes with ``fused_gate.softmax_mix``.
+The step (forward, a weighted sum of the outputs, backward, SGD update, in train mode), inference (eval
+mode, ``torch.no_grad()``), the models and the interleaved rounds are those of ``bench.swap_in_step``;
+``--hidden`` takes the experts' widths, comma-separated. The converted model evaluates each level's
+experts as one batched matmul per layer, its gates and towers likewise, and mixes with
+``fused_gate.softmax_mix``.
 
-On a CPU with ``TRITON_INTERPRET=0`` the mix runs ``fused_gate``'s reference fallback, so the ratio
-measures the batched experts, gates and towers against the libraries' per-module loops, not the kernels.
+On a CPU with ``TRITON_INTERPRET=0`` the mix runs ``fused_gate``'s CPU fallback, so the ratio measures
+the batched experts, gates and towers and that fallback against the libraries' per-module loops, not the
+kernels.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         prog="python -m bench.convert_step",
         description=__doc__.split("\n\n")[0],
-        twin="converted",
-        make_twin=_converted,
+        compared="converted",
+        make_compared=_converted,
         default_hidden="64,32",
     )
 

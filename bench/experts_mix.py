@@ -1,6 +1,6 @@
 """MMoE inference, the experts' last layer and the gate: four implementations timed on the same inputs.
 
-    python -m bench.experts_mix [--shapes mmoe|smoke] [--gates attention,softmax] [--dtype bf16]
+    python -m bench.experts_mix [--shapes mmoe|smoke] [--gates softmax,attention] [--dtype bf16]
                                 [--impls one-kernel,two-step,eager,compile] [--rounds N] [--out DIR]
 
 Each case is an MMoE layer's inference forward ``Y = gate(relu(X W_e + b_e))`` at one shape
@@ -39,8 +39,9 @@ import fused_gate as fg
 from bench.cases import DTYPES, EAGER
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for
+from fused_gate.apps.arguments import comma_list, integer
+from fused_gate.layers import GATES
 
-GATES = ("attention", "softmax")
 IMPLS = ("one-kernel", "two-step", "eager", "compile")
 
 
@@ -194,29 +195,20 @@ def markdown(results: list[Measurement], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _choices(parser: argparse.ArgumentParser, name: str, value: str, allowed) -> list[str]:
-    values = [v for v in value.split(",") if v]
-    if unknown := sorted(set(values) - set(allowed)):
-        parser.error(f"--{name}: unknown {unknown}; expected some of {list(allowed)}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.experts_mix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="mmoe" if ON_CUDA else "smoke")
-    parser.add_argument("--gates", default=",".join(GATES), help="comma list of " + ",".join(GATES))
+    parser.add_argument("--gates", type=comma_list(GATES), default=list(GATES), help="comma list of " + ",".join(GATES))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if ON_CUDA else "fp32")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
-    parser.add_argument("--rounds", type=int, default=10 if ON_CUDA else 1, help="timed rounds per case")
+    parser.add_argument("--impls", type=comma_list(IMPLS), default=list(IMPLS), help="comma list of " + ",".join(IMPLS))
+    parser.add_argument("--rounds", type=integer(1), default=10 if ON_CUDA else 1, help="timed rounds per case")
     parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<date>_<device>/)")
     args = parser.parse_args(argv)
-    gates = _choices(parser, "gates", args.gates, GATES)
-    impls = _choices(parser, "impls", args.impls, IMPLS)
     results = []
-    for gate in gates:
+    for gate in args.gates:
         for shape in SHAPES[args.shapes]:
-            for impl in impls:
+            for impl in args.impls:
                 try:
                     results.append(measure(gate, impl, shape, args.dtype, args.rounds))
                 except torch.OutOfMemoryError:

@@ -1,41 +1,43 @@
-"""Time one training step of torch-rechub / DeepCTR-Torch MMOE and PLE, original vs ``fused_gate.swap_in``.
+"""Time torch-rechub / DeepCTR-Torch MMOE and PLE, original against ``swap_in``: training step and inference.
 
-    TRITON_INTERPRET=0 python -m bench.swap_in_step [--batch 1024] [--experts 8] [--hidden 64] [--tasks 3] [--threads N]
+    TRITON_INTERPRET=0 python -m bench.swap_in_step [--batch 256,1024,8192] [--modes train,infer] [--threads N]
 
-A step is forward, a weighted sum of the outputs, backward and an SGD update, in train mode (dropout
-and BatchNorm active). PLE has 2 levels of ``--experts`` experts each (2 shared, the rest split over the
-tasks). Each model is timed in alternating rounds with its swapped copy, and the table gives the median
-per step and ``original / swapped``.
+A training step is forward, a weighted sum of the outputs, backward and an SGD update, in train mode
+(dropout and BatchNorm active); inference is a forward in eval mode under ``torch.no_grad()``. PLE has 2
+levels of ``--experts`` experts each (2 shared, the rest split over the tasks). Each model is timed
+against its swapped copy in interleaved rounds (``bench.interleaved``): the table gives the median time
+of each and the median per-round ratio ``original / swapped`` with its quartiles, so load from other
+processes shows as spread rather than as a bias. ``--clock cpu`` times the process's CPU time instead of
+the wall clock: steadier on a loaded machine, with ``--threads 1``.
 
-On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s reference fallback, so the
-ratio measures only the per-gate Python loop and the extra ops the swap removes, not the kernels.
-Importing ``bench`` sets ``TRITON_INTERPRET=1`` on a machine without a GPU: then the Triton interpreter
-runs and the times mean nothing, which the output says.
+On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s CPU fallback (the reference,
+plain PyTorch), so the ratio measures that fallback against the libraries' per-task loops, not the
+kernels. Importing ``bench`` sets ``TRITON_INTERPRET=1`` on a machine without a GPU: then the Triton
+interpreter runs and the times mean nothing, which the output says.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import fused_gate
+from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
 from bench.swap_models import MODELS, inputs_to
+from fused_gate._validation import MAX_TASKS
+from fused_gate.apps.arguments import comma_list, integer, integer_list, real, widths
+from fused_gate.apps.arguments import device as device_name
 from fused_gate.kernels import INTERPRETED
 
+PLE_SHARED = 2  # shared experts per PLE level; the rest are split over the tasks
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+MODES = ("train", "infer")
 
 
-def _step_fn(model: torch.nn.Module, inputs):
+def _step_fn(model: torch.nn.Module, inputs) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     probe = model(inputs)
     weights = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0)).to(probe.device)
@@ -48,39 +50,18 @@ def _step_fn(model: torch.nn.Module, inputs):
     return step
 
 
-def time_pair(original, swapped, inputs, device, *, steps: int, rounds: int, warmup: int) -> tuple[float, float]:
-    """Median seconds per step of each model, timed in alternating rounds of ``steps`` steps."""
-    calls = [_step_fn(original, inputs), _step_fn(swapped, inputs)]
-    times: list[list[float]] = [[], []]
-    for call in calls:
-        for _ in range(warmup):
-            call()
-    for _ in range(rounds):
-        for call, sink in zip(calls, times, strict=True):
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                call()
-            _sync(device)
-            sink.append((time.perf_counter() - start) / steps)
-    return statistics.median(times[0]), statistics.median(times[1])
+def _inference_fn(model: torch.nn.Module, inputs) -> Callable[[], None]:
+    def forward():
+        with torch.no_grad():
+            model(inputs)
+
+    return forward
 
 
 def _sizes(name: str, experts: int, hidden: tuple[int, ...], tasks: int) -> dict:
     if name.endswith("mmoe"):
         return dict(num_experts=experts, hidden=hidden, num_tasks=tasks)
-    shared = 2
-    if (experts - shared) % tasks:
-        raise SystemExit(f"PLE needs experts - {shared} shared to split evenly over {tasks} tasks, got {experts}")
-    return dict(per_task=(experts - shared) // tasks, shared=shared, hidden=hidden, num_tasks=tasks)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return dict(per_task=(experts - PLE_SHARED) // tasks, shared=PLE_SHARED, hidden=hidden, num_tasks=tasks)
 
 
 def dispatch_label(device: torch.device) -> str:
@@ -88,7 +69,7 @@ def dispatch_label(device: torch.device) -> str:
         return f"Triton kernels on {torch.cuda.get_device_name(device)}"
     if INTERPRETED:
         return "Triton interpreter on the CPU: times mean nothing (run with TRITON_INTERPRET=0)"
-    return "reference fallback on the CPU (plain PyTorch)"
+    return "CPU fallback (the reference, plain PyTorch)"
 
 
 def step_table(
@@ -96,48 +77,78 @@ def step_table(
     *,
     prog: str,
     description: str,
-    twin: str,
-    make_twin: Callable[[str, torch.nn.Module], torch.nn.Module],
+    compared: str,
+    make_compared: Callable[[str, torch.nn.Module], torch.nn.Module],
     default_hidden: str,
 ) -> None:
-    """Parse the command line, then print one row per model: the original's and its twin's time per step.
+    """Parse the command line, then print one row per model, batch size and mode: the original's and the
+    compared model's time and the per-round ratio.
 
-    ``make_twin(name, model)`` builds the compared model (``twin`` names it in the table) from a library
+    ``make_compared(name, model)`` builds the compared model (``compared`` names it in the table) from a library
     model in train mode; ``--hidden`` takes the experts' widths, comma-separated.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--hidden", default=default_hidden, help="the experts' widths, comma-separated")
-    parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--batch", type=integer_list(1, "batch sizes"), default="256,1024,8192", help="batch sizes, comma-separated"
+    )
+    parser.add_argument("--modes", type=comma_list(MODES), default=list(MODES), help="train (a training step), infer")
+    parser.add_argument("--experts", type=integer(1), default=8, help="experts per level")
+    parser.add_argument("--hidden", type=widths, default=default_hidden, help="the experts' widths, comma-separated")
+    parser.add_argument("--tasks", type=integer(2, MAX_TASKS - 1), default=3, help="the libraries need 2 or more")
+    parser.add_argument("--rounds", type=integer(1), default=20, help="interleaved rounds per row")
+    parser.add_argument(
+        "--round-ms", type=real(0, low_open=True), default=100.0, help="about how long one model runs in a round"
+    )
+    parser.add_argument("--warmup", type=integer(0), default=3, help="untimed calls per model first")
+    parser.add_argument(
+        "--models", type=comma_list(list(MODELS)), default=list(MODELS), help=f"comma list of {','.join(MODELS)}"
+    )
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time, steadier under load (1 thread)"
+    )
     args = parser.parse_args(argv)
+    per_task, left = divmod(args.experts - PLE_SHARED, args.tasks)
+    if any(name.endswith("ple") for name in args.models) and (per_task < 1 or left):
+        parser.error(
+            f"--experts: a PLE level has {PLE_SHARED} shared experts and the rest split evenly over the "
+            f"{args.tasks} tasks, at least one each; got {args.experts}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    hidden = tuple(int(width) for width in args.hidden.split(","))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    print(f"# One training step, original vs {twin} ({dispatch_label(device)})")
+    print(f"# Original vs {compared} ({dispatch_label(device)})")
     print(
-        f"B = {args.batch}, {args.experts} experts per level, expert widths {hidden}, {args.tasks} tasks; "
-        f"median of {args.rounds} rounds of {args.steps} steps; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, {cpu_name()}\n"
+        f"{args.experts} experts per level, expert widths {args.hidden}, {args.tasks} tasks; {args.rounds} "
+        f"interleaved rounds of about {args.round_ms:g} ms per model and row ({args.clock} clock); {machine_line()}\n"
     )
-    print(f"| model | original ms/step | {twin} ms/step | original / {twin} |")
-    print("| --- | ---: | ---: | ---: |")
-    for name in args.models.split(","):
-        model, inputs = MODELS[name][0](args.batch, **_sizes(name, args.experts, hidden, args.tasks))
-        model.to(device).train()
-        other = make_twin(name, model)
-        original_s, other_s = time_pair(
-            model, other, inputs_to(inputs, device), device, steps=args.steps, rounds=args.rounds, warmup=args.warmup
-        )
-        print(f"| {name} | {original_s * 1e3:.2f} | {other_s * 1e3:.2f} | {original_s / other_s:.2f} |")
+    print(f"| model | B | mode | original ms | {compared} ms | original / {compared}: median (quartiles) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for name in args.models:
+        for batch in args.batch:
+            model, inputs = MODELS[name][0](batch, **_sizes(name, args.experts, args.hidden, args.tasks))
+            model.to(device).train()
+            other = make_compared(name, model)
+            inputs = inputs_to(inputs, device)
+            for mode in args.modes:
+                if mode == "infer":
+                    model.eval(), other.eval()
+                make = _step_fn if mode == "train" else _inference_fn
+                comparison = compare(
+                    make(model, inputs),
+                    make(other, inputs),
+                    rounds=args.rounds,
+                    round_s=args.round_ms / 1e3,
+                    warmup=args.warmup,
+                    sync=sync,
+                    clock=args.clock,
+                )
+                original_ms, other_ms = comparison.median_ms()
+                print(f"| {name} | {batch} | {mode} | {original_ms:.2f} | {other_ms:.2f} | {ratio_cell(comparison)} |")
+    print(f"\nload average at the end: {load_average()}")
 
 
 def _swapped(name: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -151,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         prog="python -m bench.swap_in_step",
         description=__doc__.split("\n\n")[0],
-        twin="swapped",
-        make_twin=_swapped,
+        compared="swapped",
+        make_compared=_swapped,
         default_hidden="64",
     )
 

@@ -32,9 +32,10 @@ import fused_gate as fg
 from bench.cases import DTYPES, Shape, floor_bytes, make_inputs
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_label
-from fused_gate.kernels.config import MAX_ROWS, MAX_WARPS, MIN_BLOCK_D, KernelLaunch, TileConfig, tile_config
+from fused_gate.kernels.config import MAX_ROWS, MAX_WARPS, MIN_BLOCK_D, TileConfig, tile_config
 from fused_gate.kernels.gate_mix_bwd import plan_backward
 from fused_gate.kernels.gate_mix_fwd import plan_forward
+from fused_gate.kernels.launch import KernelLaunch
 
 # Relative error (to the output's magnitude) beyond which a candidate is reported wrong: the rounding
 # of the output dtype, with margin.
@@ -94,10 +95,11 @@ def sweep_shape(op: str, shape: Shape, dtype: str, device: str) -> list[dict]:
     grads_ref = torch.autograd.grad(y_ref, exact, grad_y.double())
     h, q = (inputs[0], inputs[1]) if attention else (inputs[1], inputs[0])
     scale = shape.D**-0.5 if attention else 1.0
+    gate = "attention" if attention else "softmax"
 
     plans: dict[str, Callable[[TileConfig], tuple[list[torch.Tensor], list[KernelLaunch]]]] = {
-        "fwd": lambda cfg: _forward_plan(h, q, scale, attention, cfg),
-        "bwd": lambda cfg: _backward_plan(grad_y, h, q, scale, attention, cfg),
+        "fwd": lambda cfg: _forward_plan(h, q, scale, gate, cfg),
+        "bwd": lambda cfg: _backward_plan(grad_y, h, q, scale, gate, cfg),
     }
     y_ref = y_ref.detach()
     expected = {"fwd": [y_ref], "bwd": [grads_ref[0], grads_ref[1]] if attention else [grads_ref[1], grads_ref[0]]}
@@ -124,14 +126,14 @@ def sweep_shape(op: str, shape: Shape, dtype: str, device: str) -> list[dict]:
     return records
 
 
-def _forward_plan(h, q, scale, attention, config):
-    y, _, launches = plan_forward(h, q, None, scale, None, attention=attention, return_weights=False, config=config)
-    return [y], launches
+def _forward_plan(h, q, scale, gate, config):
+    plan = plan_forward(h, q, None, scale, None, gate=gate, return_weights=False, config=config)
+    return [plan.outputs[0]], list(plan.launches)
 
 
-def _backward_plan(grad_y, h, q, scale, attention, config):
-    dh, dq, launches = plan_backward(grad_y, None, h, q, None, scale, attention=attention, config=config)
-    return [dh, dq], launches
+def _backward_plan(grad_y, h, q, scale, gate, config):
+    plan = plan_backward(grad_y, None, h, q, None, scale, gate=gate, config=config)
+    return list(plan.outputs), list(plan.launches)
 
 
 def best(records: list[dict]) -> dict:

@@ -11,45 +11,58 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# name -> elementwise function; the names a layer's ``activation`` may take.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "leaky_relu": F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
-    "identity": lambda y: y,
-}
+from fused_gate._validation import validate_activation, validate_dropout, validate_widths
+from fused_gate.activations import ACTIVATIONS
 
 
-def validate_activation(activation: object) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
+def _grouped_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The storage of :func:`grouped_linear`'s result, in the layout its matmul writes: ``[B, G * out]`` for
+    ``x [B, in]`` (one matmul with the groups' weights side by side, ``[in, G * out]``), ``[G, B, out]`` for
+    ``x [B, G, in]`` (one matmul per group on its own input, read in place)."""
+    if x.dim() == 2:
+        flat = weight.transpose(0, 1).reshape(weight.shape[1], -1)
+        return x @ flat if bias is None else torch.addmm(bias.flatten(), x, flat)
+    xg = x.transpose(0, 1)
+    return torch.bmm(xg, weight) if bias is None else torch.baddbmm(bias[:, None], xg, weight)
 
 
-def validate_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return float(dropout)
+def _as_groups(z: Tensor, groups: int) -> Tensor:
+    """``[B, G, out]`` view of a :func:`_grouped_matmul` result (``[B, G * out]`` or ``[G, B, out]``)."""
+    return z.unflatten(1, (groups, -1)) if z.dim() == 2 else z.transpose(0, 1)
 
 
-def validate_widths(name: str, widths: int | Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
-    """An int or a sequence of ints >= 1 as a tuple; ``allow_empty`` accepts ``()``."""
-    widths = (widths,) if isinstance(widths, int) and not isinstance(widths, bool) else widths
-    if (
-        not isinstance(widths, Sequence)
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
-        or (not widths and not allow_empty)
-    ):
-        expected = "an int >= 1 or a sequence of them" + (" (may be empty)" if allow_empty else "")
-        raise ValueError(f"{name} must be {expected}, got {widths!r}")
-    return tuple(widths)
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``y[b, g] = x[b, (g)] @ weight[g] + bias[g]``: ``x [B, in]`` or ``[B, G, in]``, ``weight [G, in, out]``,
+    ``bias [G, out]`` or None; returns ``[B, G, out]`` (for a 3-D ``x`` a transposed view of ``[G, B, out]``,
+    which the next grouped matmul reads in place)."""
+    return _as_groups(_grouped_matmul(x, weight, bias), weight.shape[0])
+
+
+def _dropout(z: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(z, p, training)``: in training every entry is zeroed with probability ``p`` and the rest
+    scaled by ``1 / (1 - p)``. For float32 on a CPU the mask comes from uniform draws (kept where ``u >= p``),
+    twice as fast there as torch's Bernoulli sampling; elsewhere torch's own (fused on a GPU)."""
+    if not training or p == 0:
+        return z
+    if z.device.type != "cpu" or z.dtype != torch.float32:
+        return F.dropout(z, p, True)
+    return z * torch.rand_like(z).ge_(p).mul_(1 / (1 - p))
+
+
+def _folds(batch_norm: nn.BatchNorm1d) -> bool:
+    """Whether the BatchNorm is an affine map of running statistics (eval mode), with no hook to call."""
+    return (
+        not batch_norm.training
+        and batch_norm.running_mean is not None
+        and not batch_norm._forward_hooks
+        and not batch_norm._forward_pre_hooks
+    )
 
 
 class BatchedLinear(nn.Module):
@@ -71,8 +84,7 @@ class BatchedLinear(nn.Module):
                 nn.init.uniform_(parameter, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.einsum("bi,gio->bgo" if x.dim() == 2 else "bgi,gio->bgo", x, self.weight)
-        return y if self.bias is None else y + self.bias
+        return grouped_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
@@ -81,7 +93,7 @@ class BatchedLinear(nn.Module):
 class BatchedDense(BatchedLinear):
     """One hidden layer of G MLPs: ``dropout(activation(batch_norm(x W_g + b_g)))``, shape ``[B, G, out]``.
 
-    ``activation`` is a name from :data:`ACTIVATIONS`, ``dropout`` the drop probability and
+    ``activation`` is a name of :data:`fused_gate.activations.ACTIVATIONS`, ``dropout`` the drop probability and
     ``batch_norm`` an ``nn.BatchNorm1d(G * out)`` (or None) over the flattened output.
     """
 
@@ -100,12 +112,31 @@ class BatchedDense(BatchedLinear):
         self.dropout = validate_dropout(dropout)
         self.batch_norm = nn.BatchNorm1d(groups * out_features) if batch_norm else None
 
+    def _folded(self) -> tuple[Tensor, Tensor]:
+        """The weight and bias of the matmul followed by the eval-mode BatchNorm ``y * scale + shift``."""
+        bn = self.batch_norm
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        scale, shift = scale.view(self.groups, self.out_features), shift.view(self.groups, self.out_features)
+        return self.weight * scale[:, None], shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        if self.batch_norm is not None:
-            y = self.batch_norm(y.flatten(1)).unflatten(1, y.shape[1:])
-        y = ACTIVATIONS[self.activation](y)
-        return F.dropout(y, self.dropout, self.training) if self.dropout else y
+        bn = self.batch_norm
+        if bn is not None and _folds(bn):
+            # In eval mode the BatchNorm is affine: folded into the matmul, it costs no pass over y.
+            z, bn = _grouped_matmul(x, *self._folded()), None
+        else:
+            z = _grouped_matmul(x, self.weight, self.bias)
+        if bn is not None:
+            z = bn(z if z.dim() == 2 else z.transpose(0, 1).flatten(1))
+        # The activation runs in place on the matmul's or BatchNorm's own output, never on a view of it
+        # (autograd would undo an in-place op on a view with copies in the backward).
+        z = ACTIVATIONS[self.activation].in_place(z)
+        return _as_groups(_dropout(z, self.dropout, self.training), self.groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}, dropout={self.dropout}"

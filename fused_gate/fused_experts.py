@@ -3,9 +3,11 @@
 The two-step path writes the experts' outputs ``H [B, E, D]`` (one batched matmul) and the fused gate
 reads them back; this op computes ``H`` tile by tile in registers and mixes it at once, so ``H``
 never reaches memory. It has no backward: training keeps the two-step path. Registered with
-``torch.library`` (one node under ``torch.compile``); dispatch as for the other ops: CUDA tensors run
-the Triton kernel, CPU tensors run it through the interpreter when ``TRITON_INTERPRET=1`` was set
-before import, and :func:`fused_gate.reference.experts_mix` otherwise.
+``torch.library`` (one node under ``torch.compile``); it runs the Triton kernel or the reference as
+``fused_gate/dispatch.py`` decides for every op: the kernel on CUDA tensors, and on CPU tensors through
+the interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the first op call); the
+reference (the experts' layer, then the gate of :mod:`fused_gate.reference`) otherwise, and
+:func:`fused_gate.reference.experts_mix` for float64 inputs.
 """
 
 from __future__ import annotations
@@ -14,14 +16,27 @@ import torch
 from torch import Tensor
 
 from fused_gate import reference
-from fused_gate._checks import check_experts_mix
-from fused_gate.kernels.experts_mix import experts_mix_forward
-from fused_gate.ops import uses_kernels
+from fused_gate._validation import validate_experts_mix
+from fused_gate.activations import ACTIVATIONS
+from fused_gate.dispatch import fused_op, reference_call
 
 __all__ = ["experts_mix"]
 
 
-@torch.library.custom_op("fused_gate::experts_mix", mutates_args=())
+# The op takes the gate kind as ``attention: bool``: its schema is unchanged since version 1 of the
+# operator names (a schema change renames every operator, fused_gate/op_names.py).
+
+
+def _experts_mix_reference(x, weight, bias, cz, mask, scale, top_k, attention, activation, return_weights):
+    h = reference.experts_output(x, weight, bias, activation)
+    if attention:
+        y, p, _ = reference.attention_mix_forward(h, cz, scale, mask, top_k)
+    else:
+        y, p, _ = reference.softmax_mix_forward(cz, h, 1.0 / scale, mask, top_k)
+    return y.to(x.dtype), p.to(x.dtype) if return_weights else x.new_empty((0,))
+
+
+@fused_op("experts_mix", reference=_experts_mix_reference)
 def _experts_mix_op(
     x: Tensor,
     weight: Tensor,
@@ -34,10 +49,13 @@ def _experts_mix_op(
     activation: str,
     return_weights: bool,
 ) -> tuple[Tensor, Tensor]:
-    y, p = experts_mix_forward(
-        x, weight, bias, cz, mask, scale, top_k, attention=attention, activation=activation,
+    from fused_gate.kernels.experts_mix import plan_experts_mix  # the kernels load at the first kernel call
+
+    y, p = plan_experts_mix(
+        x, weight, bias, cz, mask, scale, top_k, gate="attention" if attention else "softmax",
+        activation=ACTIVATIONS[activation].kernel,
         return_weights=return_weights,
-    )  # fmt: skip
+    ).run()  # fmt: skip
     return y, p if return_weights else x.new_empty((0,))
 
 
@@ -98,18 +116,19 @@ def experts_mix(
         mask, top_k, return_weights: as in :func:`fused_gate.attention_mix`.
 
     Returns:
-        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype.
+        ``Y [B, T, D]`` (and ``p [B, T, E]``) in ``x``'s dtype. ``H`` is rounded to ``x``'s dtype (before
+        and after the activation) where the two-step path stores it, so both overflow alike in float16.
 
     Raises:
-        ValueError: an input requires grad while grad mode is on (there is no backward), or a shape,
-            gate or activation is not as described; TypeError: a wrong dtype.
+        TypeError: an input of the wrong type or dtype (checked first); ValueError: a shape, gate or
+            activation is not as described, or an input requires grad while grad mode is on (there is no
+            backward).
     """
+    score_scale, top_k = validate_experts_mix(
+        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
+    )
     _refuse_gradients(x=x, weight=weight, bias=bias, context=context, logits=logits)
-    score_scale, top_k = check_experts_mix(
-        x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature,
-        kernel_path=uses_kernels(x),
-    )  # fmt: skip
-    if not uses_kernels(x):
+    if reference_call(x, weight, bias, context, logits) is not None:  # no autograd: either call is the same
         return reference.experts_mix(
             x, weight, bias, gate=gate, context=context, logits=logits, activation=activation, mask=mask,
             top_k=top_k, scale=scale, temperature=temperature, return_weights=return_weights,

@@ -9,8 +9,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._checks import validate_positive_float, validate_top_k
-from fused_gate.experts import BatchedDense, BatchedLinear, BatchedMLP, validate_widths
+from fused_gate._validation import (
+    MAX_EXPERTS,
+    MAX_TASKS,
+    validate_count,
+    validate_flag,
+    validate_module_mask,
+    validate_positive_float,
+    validate_top_k,
+    validate_widths,
+)
+from fused_gate.experts import BatchedDense, BatchedLinear, BatchedMLP
 from fused_gate.fused_experts import experts_mix
 from fused_gate.ops import attention_mix, softmax_mix
 
@@ -27,17 +36,6 @@ def _as_expert_tensor(h: Tensor | Sequence[Tensor]) -> tuple[Tensor, bool]:
             )
         return torch.stack(list(h), dim=1), True
     raise TypeError(f"h must be a [B, E, D] tensor or a non-empty list of [B, D] tensors, got {type(h).__name__}")
-
-
-def _check_module_mask(mask: object, num_tasks: int) -> None:
-    """The module's mask is one bool ``[T, E]`` for every row (the ops also take ``[B, T, E]`` per call)."""
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must have dtype torch.bool (a bool [T, E] tensor or None), got {got}")
-    if mask.dim() != 2 or mask.shape[0] != num_tasks:
-        raise ValueError(f"mask must have shape [T, E] with T = num_tasks = {num_tasks}, got {list(mask.shape)}")
 
 
 class AttentionMix(nn.Module):
@@ -74,13 +72,13 @@ class AttentionMix(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if num_tasks < 1 or dim < 1:
-            raise ValueError(f"num_tasks and dim must be >= 1, got num_tasks={num_tasks}, dim={dim}")
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
+        dim = validate_count("dim", dim, 1)
         self.num_tasks, self.dim = num_tasks, dim
         self.scale = None if scale is None else validate_positive_float("scale", scale)
         self.top_k = validate_top_k(top_k)
         self.context = nn.Parameter(torch.empty(num_tasks, dim, device=device, dtype=dtype))
-        _check_module_mask(mask, num_tasks)
+        validate_module_mask(mask, num_tasks)
         self.register_buffer("mask", None if mask is None else mask.to(device), persistent=mask is not None)
         self.reset_parameters()
 
@@ -155,7 +153,7 @@ class AttentionMix(nn.Module):
         return f"num_tasks={self.num_tasks}, dim={self.dim}{extras}, masked={self.mask is not None}"
 
 
-def _check_gate_input(x: Tensor, num_tasks: int, in_features: int) -> None:
+def _validate_gate_input(x: Tensor, num_tasks: int, in_features: int) -> None:
     """A gate input is ``[B, in_features]`` (one input for every gate) or ``[B, T, in_features]`` (one per gate)."""
     if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != num_tasks) or x.shape[-1] != in_features:
         raise ValueError(
@@ -200,21 +198,20 @@ class InputQueryAttentionMix(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_tasks", num_tasks), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        in_features = validate_count("in_features", in_features, 1)
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
+        dim = validate_count("dim", dim, 1)
+        validate_flag("bias", bias)
         self.in_features, self.num_tasks, self.dim = in_features, num_tasks, dim
         self.scale = None if scale is None else validate_positive_float("scale", scale)
         self.top_k = validate_top_k(top_k)
         self.query = BatchedLinear(in_features, dim, num_tasks, bias=bias)
-        _check_module_mask(mask, num_tasks)
+        validate_module_mask(mask, num_tasks)
         self.register_buffer("mask", mask, persistent=mask is not None)
 
     def queries(self, x: Tensor) -> Tensor:
         """The tasks' queries ``[B, T, D]`` from ``x``, ``[B, in]`` (one input for every gate) or ``[B, T, in]``."""
-        _check_gate_input(x, self.num_tasks, self.in_features)
+        _validate_gate_input(x, self.num_tasks, self.in_features)
         return self.query(x)
 
     def forward(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -301,6 +298,12 @@ class SoftmaxGate(nn.Module):
         logits_batch_norm: bool = False,
     ) -> None:
         super().__init__()
+        in_features = validate_count("in_features", in_features, 1)
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
+        num_experts = validate_count("num_experts", num_experts, 1, MAX_EXPERTS)
+        flags = dict(bias=bias, hidden_batch_norm=hidden_batch_norm, logits_batch_norm=logits_batch_norm)
+        for name, flag in flags.items():
+            validate_flag(name, flag)
         self.in_features, self.num_tasks, self.num_experts = in_features, num_tasks, num_experts
         self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
         self.top_k = validate_top_k(top_k, num_experts)
@@ -309,12 +312,12 @@ class SoftmaxGate(nn.Module):
         self.dnn = BatchedMLP(in_features, num_tasks, hidden, **options) if hidden else None
         self.linear = BatchedLinear(hidden[-1] if hidden else in_features, num_experts, num_tasks, bias=bias)
         self.batch_norm = nn.BatchNorm1d(num_tasks * num_experts) if logits_batch_norm else None
-        _check_module_mask(mask, num_tasks)
+        validate_module_mask(mask, num_tasks)
         self.register_buffer("mask", mask, persistent=mask is not None)
 
     def logits(self, x: Tensor) -> Tensor:
         """The gates' logits ``[B, T, E]`` from ``x``, ``[B, in]`` (one input for every gate) or ``[B, T, in]``."""
-        _check_gate_input(x, self.num_tasks, self.in_features)
+        _validate_gate_input(x, self.num_tasks, self.in_features)
         z = self.linear(self.dnn(x) if self.dnn is not None else x)
         return z if self.batch_norm is None else self.batch_norm(z.flatten(1)).unflatten(1, z.shape[1:])
 

@@ -17,13 +17,39 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._checks import fits_one_kernel, validate_top_k
-from fused_gate.experts import Experts, TaskTowers, validate_widths
+from fused_gate._hooks import forward_hooked
+from fused_gate._validation import (
+    GATES,
+    MAX_EXPERTS,
+    MAX_TASKS,
+    fits_one_kernel,
+    validate_activation,
+    validate_count,
+    validate_dropout,
+    validate_flag,
+    validate_top_k,
+    validate_widths,
+)
+from fused_gate.dispatch import uses_kernels
+from fused_gate.experts import Experts, TaskTowers
 from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
-from fused_gate.ops import uses_kernels
 
-GATES = ("attention", "softmax", "attention_input_query")
+LAYER_GATES = (*GATES, "attention_input_query")
+"""The layers' gate kinds: the ops' two, and the attention gate whose per-task queries are computed from the
+input (:class:`~fused_gate.gates.InputQueryAttentionMix`)."""
 Gate = AttentionMix | InputQueryAttentionMix | SoftmaxGate
+
+SHARED_GATE_EXPERTS = ("all", "shared")
+
+
+def _validate_shared_gate_experts(value: object, num_shared_experts: int, shared_gate: bool) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"shared_gate_experts must be a str, one of {SHARED_GATE_EXPERTS}, got {type(value).__name__}")
+    if value not in SHARED_GATE_EXPERTS:
+        raise ValueError(f"shared_gate_experts must be one of {SHARED_GATE_EXPERTS}, got {value!r}")
+    if value == "shared" and shared_gate and num_shared_experts < 1:
+        raise ValueError("shared_gate_experts='shared' needs num_shared_experts >= 1 (the shared gate mixes them)")
+    return value
 
 
 def _make_gate(
@@ -43,8 +69,8 @@ def _make_gate(
     batch_norm: bool,
 ) -> Gate:
     """The layer's gate module; the gate DNN shares the experts' activation, dropout and BatchNorm option."""
-    if kind not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
+    if kind not in LAYER_GATES:
+        raise ValueError(f"gate must be one of {LAYER_GATES}, got {kind!r}")
     gate_hidden = validate_widths("gate_hidden", gate_hidden, allow_empty=True)
     if kind == "attention":
         if gate_hidden or not gate_bias or gate_batch_norm:
@@ -92,9 +118,25 @@ def _make_towers(
     )
 
 
+def _check_options(**options: object) -> None:
+    """The layers' options that take a bool (``None``: the default of a tower option), an activation name or a
+    dropout probability, each checked by its name."""
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name.endswith("activation"):
+            validate_activation(value)
+        elif name.endswith("dropout"):
+            validate_dropout(value)
+        else:
+            validate_flag(name, value)
+
+
 def _one_kernel_applies(experts: Experts, gate: Gate, x: Tensor) -> bool:
     """Whether :func:`fused_gate.experts_mix` can serve this call: inference (eval mode, no autograd), a last
-    expert layer without BatchNorm, the kernels' device, one dtype (no autocast), and a gate tile it holds."""
+    expert layer without BatchNorm, the kernels' device, one dtype (no autocast), a gate tile it holds, and
+    no forward hook or pre-hook on the modules it does not call (the experts, their last layer, the gate)
+    nor on every module."""
     last = experts.layers[-1]
     return (
         not experts.training
@@ -102,6 +144,7 @@ def _one_kernel_applies(experts: Experts, gate: Gate, x: Tensor) -> bool:
         and last.batch_norm is None
         and uses_kernels(x)
         and not torch.is_autocast_enabled(x.device.type)
+        and not forward_hooked(experts, last, gate)
         and x.dtype == last.weight.dtype
         and fits_one_kernel(gate.num_tasks, last.groups)
     )
@@ -109,7 +152,8 @@ def _one_kernel_applies(experts: Experts, gate: Gate, x: Tensor) -> bool:
 
 def _gate_mix(gate: Gate, experts: Experts, gate_input: Tensor, expert_input: Tensor, fused_experts: bool) -> Tensor:
     """``gate.mix(gate_input, experts(expert_input))``; in inference, with ``fused_experts``, the experts' last
-    layer and the gate run as one kernel and the experts' outputs are never written."""
+    layer and the gate run as one kernel and the experts' outputs are never written. The last layer's weight
+    is read through the module at every call, so a ``torch.nn.utils.parametrize`` parametrization applies."""
     if fused_experts and _one_kernel_applies(experts, gate, expert_input):
         return gate.mix_experts(gate_input, experts.last_layer_input(expert_input), experts.layers[-1])
     return gate.mix(gate_input, experts(expert_input))
@@ -140,7 +184,7 @@ class MMoE(nn.Module):
         tower_hidden: add one MLP tower per task, ``D -> tower_hidden... -> 1`` (an int for one hidden
             layer, ``()`` for a single Linear), giving ``[B, T]``.
         activation: the activation of every hidden layer (experts, gate DNN, towers unless
-            ``tower_activation``): one of ``fused_gate.experts.ACTIVATIONS``.
+            ``tower_activation``): one of ``fused_gate.activations.ACTIVATIONS``.
         dropout: dropout probability after every hidden layer's activation (experts, gate DNN, towers
             unless ``tower_dropout``).
         batch_norm: a BatchNorm after every hidden layer's Linear (experts, gate DNN, towers unless
@@ -155,8 +199,15 @@ class MMoE(nn.Module):
         fused_experts: in inference (``eval()`` under ``torch.no_grad()`` or ``torch.inference_mode()``,
             on the kernels' device), run the experts' last layer and the gate as one kernel,
             :func:`fused_gate.experts_mix`, which never writes the experts' outputs; it applies when that
-            layer has no BatchNorm, the input has the weights' dtype (no autocast) and
-            ``next_power_of_2(T) * next_power_of_2(E) <= 512``. ``False`` keeps the two steps.
+            layer has no BatchNorm, the input has the weights' dtype (no autocast),
+            ``next_power_of_2(T) * next_power_of_2(E) <= 512``, and no forward hook or pre-hook is
+            registered on ``experts``, ``experts.layers[-1]`` or ``gate`` (modules that path does not
+            call; ``torch.nn.utils.prune`` and the hook-based weight and spectral norms are such hooks) nor
+            on every module. ``False`` keeps the two steps. Both paths give the same result.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range, named in the message;
+            ``num_experts`` is at most 256 and ``num_tasks`` at most 16 (the kernels' limits).
     """
 
     def __init__(
@@ -182,7 +233,15 @@ class MMoE(nn.Module):
         fused_experts: bool = True,
     ) -> None:
         super().__init__()
+        in_features = validate_count("in_features", in_features, 1)
+        num_experts = validate_count("num_experts", num_experts, 1, MAX_EXPERTS)
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
         top_k = validate_top_k(top_k, num_experts)
+        _check_options(
+            batch_norm=batch_norm, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm, tower_bias=tower_bias,
+            tower_batch_norm=tower_batch_norm, fused_experts=fused_experts, tower_activation=tower_activation,
+            tower_dropout=tower_dropout,
+        )  # fmt: skip
         self.num_experts, self.num_tasks = num_experts, num_tasks
         self.fused_experts = fused_experts
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
@@ -225,10 +284,12 @@ class CGCLevel(nn.Module):
     """One Customized Gate Control level: S shared experts plus K experts per task.
 
     Input ``[B, T + 1, in]`` (one input per task, then the shared input); output ``[B, G, D]`` with
-    ``G = T + 1`` when the level feeds another one (its last gate mixes every expert for the shared
-    path) and ``G = T`` for the last level. The experts are ordered ``[S shared, task 0's K, ..., task
-    T-1's K]``; gate g reads input g, and task t's gate may use the shared experts and its own (the
-    gate mask). The expert and gate options are :class:`MMoE`'s.
+    ``G = T + 1`` when the level feeds another one (its last gate, the shared gate, mixes the experts
+    that ``shared_gate_experts`` names for the shared path) and ``G = T`` for the last level. The experts
+    are ordered ``[S shared, task 0's K, ..., task T-1's K]``; gate g reads input g, and task t's gate may
+    use the shared experts and its own (the gate mask). ``shared_gate_experts``: ``"all"`` (every expert,
+    as in the PLE paper, torch-rechub and DeepCTR-Torch) or ``"shared"`` (the S shared experts only, as in
+    FuxiCTR). The expert and gate options are :class:`MMoE`'s.
     """
 
     def __init__(
@@ -240,6 +301,7 @@ class CGCLevel(nn.Module):
         expert_hidden: int | Sequence[int],
         *,
         shared_gate: bool,
+        shared_gate_experts: str = "all",
         gate: str = "attention",
         top_k: int | None = None,
         activation: str = "relu",
@@ -251,6 +313,7 @@ class CGCLevel(nn.Module):
         fused_experts: bool = True,
     ) -> None:
         super().__init__()
+        self.shared_gate_experts = _validate_shared_gate_experts(shared_gate_experts, num_shared_experts, shared_gate)
         self.fused_experts = fused_experts
         num_experts = num_shared_experts + num_tasks * num_task_experts
         top_k = validate_top_k(top_k, num_experts)
@@ -262,7 +325,7 @@ class CGCLevel(nn.Module):
         for t in range(num_tasks):
             mask[t] = (self.group == num_tasks) | (self.group == t)
         if shared_gate:
-            mask[num_tasks] = True
+            mask[num_tasks] = True if shared_gate_experts == "all" else self.group == num_tasks
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         expert_hidden = validate_widths("expert_hidden", expert_hidden)
         self.experts = Experts(in_features, num_experts, expert_hidden, **options)
@@ -293,9 +356,10 @@ class PLE(nn.Module):
 
     Each level has ``num_shared_experts`` experts that every task's gate may use and
     ``num_task_experts`` experts per task that only that task's gate may use (a gate mask). Every level
-    but the last also has a shared gate over all its experts, whose output is the next level's shared
-    input; task t's gate output is the next level's input for task t's experts. Every level has its own
-    experts and gates, built with the same options.
+    but the last also has a shared gate, over all its experts or only its shared ones
+    (``shared_gate_experts``), whose output is the next level's shared input; task t's gate output is the
+    next level's input for task t's experts. Every level has its own experts and gates, built with the
+    same options.
 
     Args:
         in_features: width of the input ``x`` (the first level's input for every expert).
@@ -305,6 +369,8 @@ class PLE(nn.Module):
         expert_hidden: the experts' widths (an int for one layer); the last one, D, is the input width
             of the levels after the first.
         num_levels: number of stacked CGC levels.
+        shared_gate_experts: the experts a non-final level's shared gate mixes: ``"all"`` (the PLE paper's,
+            torch-rechub's and DeepCTR-Torch's layout) or ``"shared"`` (only the shared experts, FuxiCTR's).
         gate: ``"attention"``, ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input) or
             ``"attention_input_query"`` (queries ``x_g W_g + b_g`` from each gate's own input), as in :class:`MMoE`.
         top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
@@ -313,6 +379,11 @@ class PLE(nn.Module):
         gate_hidden, gate_bias, gate_batch_norm: as in :class:`MMoE`, for every level.
         tower_activation, tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`.
         fused_experts: as in :class:`MMoE`, for every level.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range, named in the message. A level
+            has ``E = num_shared_experts + num_tasks * num_task_experts`` experts, 1 to 256, and
+            ``num_tasks`` gates (16 at most), plus a shared gate when ``num_levels > 1`` (15 tasks at most).
     """
 
     def __init__(
@@ -324,6 +395,7 @@ class PLE(nn.Module):
         expert_hidden: int | Sequence[int],
         *,
         num_levels: int = 1,
+        shared_gate_experts: str = "all",
         gate: str = "attention",
         top_k: int | None = None,
         tower_hidden: int | Sequence[int] | None = None,
@@ -340,8 +412,28 @@ class PLE(nn.Module):
         fused_experts: bool = True,
     ) -> None:
         super().__init__()
-        if num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        in_features = validate_count("in_features", in_features, 1)
+        num_levels = validate_count("num_levels", num_levels, 1)
+        num_tasks = validate_count("num_tasks", num_tasks, 1)
+        if num_tasks + int(num_levels > 1) > MAX_TASKS:
+            raise ValueError(
+                f"num_tasks = {num_tasks} with num_levels = {num_levels}: every level but the last has a shared gate "
+                f"besides the task gates, and the kernels support at most {MAX_TASKS} gates per level"
+            )
+        num_shared_experts = validate_count("num_shared_experts", num_shared_experts, 0)
+        num_task_experts = validate_count("num_task_experts", num_task_experts, 0)
+        num_experts = num_shared_experts + num_tasks * num_task_experts
+        if not 1 <= num_experts <= MAX_EXPERTS:
+            raise ValueError(
+                f"num_shared_experts + num_tasks * num_task_experts = {num_experts}: each level needs 1 to "
+                f"{MAX_EXPERTS} experts (the kernels' limit)"
+            )
+        top_k = validate_top_k(top_k, num_experts)
+        _check_options(
+            batch_norm=batch_norm, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm, tower_bias=tower_bias,
+            tower_batch_norm=tower_batch_norm, fused_experts=fused_experts, tower_activation=tower_activation,
+            tower_dropout=tower_dropout,
+        )  # fmt: skip
         self.num_tasks = num_tasks
         options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         gate_options = dict(gate_hidden=gate_hidden, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm)
@@ -355,6 +447,7 @@ class PLE(nn.Module):
                 num_task_experts,
                 expert_hidden,
                 shared_gate=level < num_levels - 1,
+                shared_gate_experts=shared_gate_experts,
                 gate=gate,
                 top_k=top_k,
                 fused_experts=fused_experts,

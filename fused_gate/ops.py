@@ -1,41 +1,23 @@
 """The fused gate ops, registered with ``torch.library`` (fake kernels + autograd).
 
 ``torch.compile(fullgraph=True)`` sees each op as one node (no graph break) and uses the fake
-kernels for shapes. Dispatch (as in docs/semantics.md): CUDA tensors run the Triton kernels; CPU
-tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
-import, and the plain-PyTorch reference otherwise.
+kernels for shapes. Each op runs the Triton kernels or the plain-PyTorch reference as
+``fused_gate/dispatch.py`` decides (as in docs/semantics.md): the kernels on CUDA tensors, and on CPU
+tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels load (at the
+first op call; setting it before ``import fused_gate`` is enough); the reference otherwise. float64
+inputs run the reference on every device (the kernels compute in float32), so ``model.double()`` works
+wherever the model runs; in eager mode on a device without kernels the public functions call the
+reference directly (:func:`fused_gate.dispatch.reference_call`).
 """
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from fused_gate import reference
-from fused_gate._checks import check_attention_mix, check_softmax_mix
-from fused_gate.kernels import INTERPRETED
-from fused_gate.kernels.gate_mix_bwd import gate_mix_backward
-from fused_gate.kernels.gate_mix_fwd import gate_mix_forward
+from fused_gate._validation import validate_attention_mix, validate_softmax_mix
+from fused_gate.dispatch import fused_op, reference_call
 
-__all__ = ["attention_mix", "softmax_mix", "uses_kernels"]
-
-
-def uses_kernels(x: object) -> bool:
-    """True when an op on ``x``'s device runs the Triton kernels (compiled or interpreted)."""
-    return isinstance(x, Tensor) and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED))
-
-
-def _needs_reference(*tensors: Tensor) -> bool:
-    """True under ``torch.func`` transforms or with forward-mode (dual) inputs.
-
-    The custom ops define a backward only; the reference is a plain-PyTorch ``autograd.Function``
-    with closed-form backward, forward-mode and vmap rules, so it serves these callers exactly.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return True
-    # Dual tensors exist only inside a dual level; outside one (every ordinary call) skip the unpacking.
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+__all__ = ["attention_mix", "softmax_mix"]
 
 
 def _no_weights(h: Tensor) -> Tensor:
@@ -51,6 +33,27 @@ def _kept_buffer(h: Tensor, tasks: int, top_k: int | None) -> Tensor | None:
     return h.new_empty((h.shape[0], tasks, h.shape[1]), dtype=torch.bool) if top_k is not None else None
 
 
+def _forward_outputs(h, y, p, kept, top_k, return_weights) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward ops' outputs ``(Y, p, kept)``; ``p`` and ``kept`` are empty placeholders when not asked for."""
+    return y, p if return_weights else _no_weights(h), kept if top_k is not None else _no_kept(h)
+
+
+def _forward_kernels(h, cz, mask, scale, top_k, return_weights, gate) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward ops' outputs from the kernels; with top-k the launch fills the kept experts."""
+    from fused_gate.kernels.gate_mix_fwd import plan_forward  # the kernels load at the first kernel call
+
+    kept = _kept_buffer(h, cz.shape[-2], top_k)
+    y, p = plan_forward(h, cz, mask, scale, top_k, gate=gate, return_weights=return_weights, kept=kept).run()
+    return _forward_outputs(h, y, p, kept, top_k, return_weights)
+
+
+def _backward_kernels(grad_y, grad_p, h, cz, mask, scale, gate) -> tuple[Tensor, Tensor]:
+    """``(dH, dC)`` or ``(dH, dZ)`` from the kernels."""
+    from fused_gate.kernels.gate_mix_bwd import plan_backward  # the kernels load at the first kernel call
+
+    return plan_backward(grad_y, grad_p, h, cz, mask, scale, gate=gate).run()
+
+
 def _backward_mask(mask: Tensor | None, kept: Tensor, top_k: int | None) -> Tensor | None:
     """The backward mixes the forward's kept experts (top-k already applied) or the user's mask."""
     return kept if top_k is not None else mask
@@ -62,27 +65,22 @@ def _grad_weights(grad_p: Tensor | None) -> Tensor | None:
 
 
 def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fused_gate ops do not support double backward (create_graph=True through the gate); "
-        "use fused_gate.reference for higher-order gradients"
-    )
+    raise RuntimeError(reference.DOUBLE_BACKWARD_REFUSED)
 
 
 # ---------------------------------------------------------------------------- attention_mix
 
 
-@torch.library.custom_op("fused_gate::attention_mix", mutates_args=())
+def _attention_mix_reference(h, context, mask, scale, top_k, return_weights):
+    y, p, kept = reference.attention_mix_forward(h, context, scale, mask, top_k)
+    return _forward_outputs(h, y, p, kept, top_k, return_weights)
+
+
+@fused_op("attention_mix", reference=_attention_mix_reference)
 def _attention_mix_op(
     h: Tensor, context: Tensor, mask: Tensor | None, scale: float, top_k: int | None, return_weights: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if uses_kernels(h):
-        kept = _kept_buffer(h, context.shape[-2], top_k)
-        y, p = gate_mix_forward(
-            h, context, mask, scale, top_k, attention=True, return_weights=return_weights, kept=kept
-        )
-    else:
-        y, p, kept = reference.attention_mix_forward(h, context, scale, mask, top_k)
-    return y, p if return_weights else _no_weights(h), kept if top_k is not None else _no_kept(h)
+    return _forward_kernels(h, context, mask, scale, top_k, return_weights, "attention")
 
 
 @_attention_mix_op.register_fake
@@ -94,7 +92,11 @@ def _(h, context, mask, scale, top_k, return_weights):
     return h.new_empty((batch, tasks, dim)), p, kept
 
 
-@torch.library.custom_op("fused_gate::attention_mix_backward", mutates_args=())
+def _attention_mix_backward_reference(grad_y, grad_p, h, context, mask, scale):
+    return reference.attention_mix_backward(grad_y, h, context, scale=scale, mask=mask, grad_weights=grad_p)
+
+
+@fused_op("attention_mix_backward", reference=_attention_mix_backward_reference)
 def _attention_mix_backward_op(
     grad_y: Tensor,
     grad_p: Tensor | None,
@@ -103,10 +105,8 @@ def _attention_mix_backward_op(
     mask: Tensor | None,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
-    if uses_kernels(h):
-        return gate_mix_backward(grad_y, grad_p, h, context, mask, scale, attention=True)
-    return reference.attention_mix_backward(grad_y, h, context, scale=scale, mask=mask, grad_weights=grad_p)
+    """``(dH, dC)``. ``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
+    return _backward_kernels(grad_y, grad_p, h, context, mask, scale, "attention")
 
 
 @_attention_mix_backward_op.register_fake
@@ -153,12 +153,15 @@ def attention_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p`` in ``h``'s dtype). Gradients flow to ``h``,
-        ``context`` and through ``p`` when it is returned. Under ``torch.func`` transforms and
-        forward-mode AD the op runs :func:`fused_gate.reference.attention_mix` (same semantics).
+        ``context`` and through ``p`` when it is returned. With a float64 input, under ``torch.func``
+        transforms, with forward-mode AD and in eager mode on a CPU without ``TRITON_INTERPRET`` the op runs
+        :func:`fused_gate.reference.attention_mix` (same semantics).
     """
-    scale, top_k = check_attention_mix(h, context, scale, mask, top_k, kernel_path=uses_kernels(h))
-    if _needs_reference(h, context):
-        return reference.attention_mix(h, context, scale=scale, mask=mask, top_k=top_k, return_weights=return_weights)
+    scale, top_k = validate_attention_mix(h, context, scale, mask, top_k, return_weights)
+    first_order = reference_call(h, context)
+    if first_order is not None:
+        y, p = reference.attention_mix_function(h, context, scale, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _attention_mix_op(h, context, mask, scale, top_k, return_weights)
     return (y, p) if return_weights else y
 
@@ -166,7 +169,12 @@ def attention_mix(
 # ---------------------------------------------------------------------------- softmax_mix
 
 
-@torch.library.custom_op("fused_gate::softmax_mix", mutates_args=())
+def _softmax_mix_reference(logits, h, mask, temperature, top_k, return_weights):
+    y, p, kept = reference.softmax_mix_forward(logits, h, temperature, mask, top_k)
+    return _forward_outputs(h, y, p, kept, top_k, return_weights)
+
+
+@fused_op("softmax_mix", reference=_softmax_mix_reference)
 def _softmax_mix_op(
     logits: Tensor,
     h: Tensor,
@@ -175,14 +183,7 @@ def _softmax_mix_op(
     top_k: int | None,
     return_weights: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if uses_kernels(h):
-        kept = _kept_buffer(h, logits.shape[1], top_k)
-        y, p = gate_mix_forward(
-            h, logits, mask, 1.0 / temperature, top_k, attention=False, return_weights=return_weights, kept=kept
-        )
-    else:
-        y, p, kept = reference.softmax_mix_forward(logits, h, temperature, mask, top_k)
-    return y, p if return_weights else _no_weights(h), kept if top_k is not None else _no_kept(h)
+    return _forward_kernels(h, logits, mask, 1.0 / temperature, top_k, return_weights, "softmax")
 
 
 @_softmax_mix_op.register_fake
@@ -193,7 +194,11 @@ def _(logits, h, mask, temperature, top_k, return_weights):
     return h.new_empty((batch, logits.shape[1], dim)), p, kept
 
 
-@torch.library.custom_op("fused_gate::softmax_mix_backward", mutates_args=())
+def _softmax_mix_backward_reference(grad_y, grad_p, logits, h, mask, temperature):
+    return reference.softmax_mix_backward(grad_y, logits, h, temperature=temperature, mask=mask, grad_weights=grad_p)
+
+
+@fused_op("softmax_mix_backward", reference=_softmax_mix_backward_reference)
 def _softmax_mix_backward_op(
     grad_y: Tensor,
     grad_p: Tensor | None,
@@ -202,10 +207,9 @@ def _softmax_mix_backward_op(
     mask: Tensor | None,
     temperature: float,
 ) -> tuple[Tensor, Tensor]:
-    """``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
-    if uses_kernels(h):
-        return gate_mix_backward(grad_y, grad_p, h, logits, mask, 1.0 / temperature, attention=False)
-    return reference.softmax_mix_backward(grad_y, logits, h, temperature=temperature, mask=mask, grad_weights=grad_p)
+    """``(dZ, dH)``. ``mask`` holds the experts the forward mixed (with top-k: the kept ones), so no top-k here."""
+    dh, dz = _backward_kernels(grad_y, grad_p, h, logits, mask, 1.0 / temperature, "softmax")
+    return dz, dh
 
 
 @_softmax_mix_backward_op.register_fake
@@ -248,13 +252,13 @@ def softmax_mix(
 
     Returns:
         ``Y [B, T, D]`` in ``h``'s dtype (and ``p [B, T, E]``); gradients flow to ``logits`` and ``h``.
-        Under ``torch.func`` transforms and forward-mode AD the op runs
-        :func:`fused_gate.reference.softmax_mix` (same semantics).
+        With a float64 input, under ``torch.func`` transforms, with forward-mode AD and in eager mode on a CPU without
+        ``TRITON_INTERPRET`` the op runs :func:`fused_gate.reference.softmax_mix` (same semantics).
     """
-    temperature, top_k = check_softmax_mix(logits, h, temperature, mask, top_k, kernel_path=uses_kernels(h))
-    if _needs_reference(logits, h):
-        return reference.softmax_mix(
-            logits, h, temperature=temperature, mask=mask, top_k=top_k, return_weights=return_weights
-        )
+    temperature, top_k = validate_softmax_mix(logits, h, temperature, mask, top_k, return_weights)
+    first_order = reference_call(h, logits)
+    if first_order is not None:
+        y, p = reference.softmax_mix_function(logits, h, temperature, mask, top_k, first_order=first_order)
+        return (y, p.to(h.dtype)) if return_weights else y
     y, p, _ = _softmax_mix_op(logits, h, mask, temperature, top_k, return_weights)
     return (y, p) if return_weights else y

@@ -9,18 +9,14 @@ spills (checked by ``tests/test_compile.py`` for sm_80 and sm_90).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from fused_gate.kernels import INTERPRETED
+from fused_gate.kernels.launch import CONTEXT_GATES
 
-MAX_EXPERTS = 256
-MAX_TASKS = 16
 MAX_ROWS = 64
 MIN_BLOCK_D = 8
 FORWARD_TILE = 8192
@@ -33,10 +29,6 @@ GATE_ELEMENTS_PER_THREAD = 4
 # slots per load (a [16, 256] float32 tile: 32 values per thread at 4 warps).
 REDUCE_BLOCK = 256
 REDUCE_SLOTS = 16
-
-# Triton's interpreter keeps per-launch state in module globals (the grid, the program ids), so two
-# threads interpreting kernels at once corrupt each other's launch. Compiled launches need no lock.
-_INTERPRETER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -52,6 +44,19 @@ class TileConfig:
     # Software pipelining of the D-chunk loops keeps several tiles live and spills; the kernels are
     # latency-hidden by running several programs per SM instead.
     num_stages: int = 1
+
+    def meta(self, register_limit: int) -> dict:
+        """The launch's block-size constexprs and options, ptxas capped at ``register_limit`` per thread."""
+        return dict(
+            BLOCK_T=self.block_t,
+            BLOCK_E=self.block_e,
+            BLOCK_D=self.block_d,
+            ROWS=self.rows,
+            SINGLE_CHUNK=self.single_chunk,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            maxnreg=registers_for_warps(register_limit, self.num_warps),
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -76,13 +81,13 @@ def tile_config(num_experts: int, dim: int, num_tasks: int, backward: bool) -> T
         budget //= 2
         block_d = max(MIN_BLOCK_D, block_d // 2)
         per_thread //= 2
-    # Rows also multiply the per-(row, task, expert) scores and weights, [ROWS, BLOCK_T, BLOCK_E].
+    # Rows also multiply the gate tile of per-(row, task, expert) scores and weights, [ROWS, BLOCK_T, BLOCK_E].
     rows = max(1, min(MAX_ROWS, budget // (block_e * block_d), budget // (block_t * block_e)))
-    # Several [ROWS, BLOCK_T, BLOCK_E] tensors (scores, weights, their gradients, top-k state) are live
-    # at once, so they get fewer elements per thread than the expert tile.
-    gate = rows * block_t * block_e
-    tile = rows * block_e * block_d
-    warps = max(min(8, tile // (32 * per_thread)), gate // (32 * GATE_ELEMENTS_PER_THREAD))
+    # Several gate tiles (scores, weights, their gradients, top-k state) are live at once, so they get
+    # fewer elements per thread than the expert tile.
+    gate_tile = rows * block_t * block_e
+    expert_tile = rows * block_e * block_d
+    warps = max(min(8, expert_tile // (32 * per_thread)), gate_tile // (32 * GATE_ELEMENTS_PER_THREAD))
     num_warps = max(1, min(MAX_WARPS, warps))
     return TileConfig(
         block_t=block_t,
@@ -99,7 +104,6 @@ def tile_config(num_experts: int, dim: int, num_tasks: int, backward: bool) -> T
 MIX_MIN_DOT = 16
 MIX_MAX_ROWS = 64
 MIX_GATE_TILE = 4096
-MIX_MAX_GATE = 512  # BLOCK_T * BLOCK_E: at 16 rows, an 8192-element gate tile over 16 warps
 MIX_ACCUMULATOR = 8192  # the Y accumulator [ROWS, BLOCK_T, BLOCK_D], float32
 MIX_MAX_BLOCK_D = 128
 MIX_MAX_ONE_PASS_D = 256  # the widest D the attention gate's one-pass kernel holds
@@ -122,6 +126,19 @@ class ExpertsMixConfig:
     rows: int
     num_warps: int
     num_stages: int = 1
+
+    def meta(self) -> dict:
+        """The launch's block-size constexprs and options (ptxas capped at ``MIX_REGISTER_LIMIT``)."""
+        return dict(
+            BLOCK_T=self.block_t,
+            BLOCK_E=self.block_e,
+            BLOCK_K=self.block_k,
+            BLOCK_D=self.block_d,
+            ROWS=self.rows,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            maxnreg=registers_for_warps(MIX_REGISTER_LIMIT, self.num_warps),
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -153,9 +170,9 @@ def experts_mix_config(
             rows //= 2
         block_d = whole_d
     block_k = max(MIX_MIN_DOT, min(triton.next_power_of_2(in_features), MIX_DOT_BYTES // element_size))
-    gate = rows * block_t * block_e
+    gate_tile = rows * block_t * block_e
     accumulator = rows * block_t * block_d
-    warps = max(accumulator // (32 * ELEMENTS_PER_THREAD * 2), gate // (32 * GATE_ELEMENTS_PER_THREAD * 4), 4)
+    warps = max(accumulator // (32 * ELEMENTS_PER_THREAD * 2), gate_tile // (32 * GATE_ELEMENTS_PER_THREAD * 4), 4)
     return ExpertsMixConfig(
         block_t=block_t,
         block_e=block_e,
@@ -172,16 +189,17 @@ def registers_for_warps(limit: int, num_warps: int) -> int:
     return min(limit, REGISTER_FILE // (32 * num_warps))
 
 
-def register_limit(*, backward: bool, attention: bool) -> int:
+def register_limit(*, backward: bool, gate: str) -> int:
     """The per-thread register limit handed to ptxas.
 
     An explicit limit: without one, ptxas may spill a few registers to reach an occupancy of its own
     choosing. 128 keeps two 8-warp programs (16 warps) resident per SM, and every forward and softmax
-    backward tile fits it; the attention backward also keeps its ``dC`` partial and the ``C`` term of
-    ``dH`` live, so it gets the whole register file instead (its occupancy is listed by
-    ``python -m bench.occupancy``). ``tests/test_compile.py`` checks that nothing spills.
+    backward tile fits it; the backward of a gate that reads a context (the attention gate) also keeps
+    its ``dC`` partial and the ``C`` term of ``dH`` live, so it gets the whole register file instead
+    (its occupancy is listed by ``python -m bench.occupancy``). ``tests/test_compile.py`` checks that
+    nothing spills.
     """
-    return 255 if backward and attention else 128
+    return 255 if backward and gate in CONTEXT_GATES else 128
 
 
 @functools.lru_cache(maxsize=16)
@@ -190,44 +208,3 @@ def max_persistent_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
-
-
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One kernel launch, built by a launcher's ``plan_*`` function and run by ``launch()``.
-
-    Keeping the plan separate lets ``tests/test_compile.py`` compile, ahead of time and for a given
-    GPU target, exactly what the launcher would run.
-    """
-
-    kernel: triton.JITFunction
-    grid: tuple[int, ...]
-    args: tuple
-    meta: dict
-
-    def launch(self) -> None:
-        with _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
-            self.kernel[self.grid](*self.args, **self.meta)
-
-
-def row_strides(x: torch.Tensor | None) -> tuple[int, int, int]:
-    """Strides of ``x`` read as ``[B, T, X]``: a ``[T, X]`` tensor is shared by every row (row stride 0);
-    an absent tensor gives zeros."""
-    if x is None:
-        return (0, 0, 0)
-    return tuple(x.stride()) if x.dim() == 3 else (0, *x.stride())
-
-
-def operand(x: torch.Tensor | None, placeholder: torch.Tensor | None = None) -> tuple:
-    """A kernel operand as the arguments it takes: its pointer, then its strides read as ``[B, T, X]``
-    (:func:`row_strides`). An absent operand passes ``placeholder`` (never dereferenced) and zeros.
-
-    Every operand of the gate kernels is such a group (``x_ptr, stride_xb, stride_xt, stride_xx``), so
-    adding one is one group in the kernel's signature and one ``*operand(x)`` in its launcher.
-    """
-    return (x if x is not None else placeholder, *row_strides(x))
-
-
-def mask_operand(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The bool mask as the ``uint8`` view the kernels load (same storage, no copy)."""
-    return mask.view(torch.uint8) if mask is not None else None

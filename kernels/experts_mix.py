@@ -3,7 +3,8 @@
 For every row ``b``, expert ``e`` and task ``t`` (``X [B, K]`` or ``[B, E, K]``, ``W [E, K, D]``,
 ``bias [E, D]``, ``Y [B, T, D]``)::
 
-    H[b,e,:]  = act(X[b,(e),:] @ W[e] + bias[e])      float32, recomputed in registers, never stored
+    H[b,e,:]  = act(X[b,(e),:] @ W[e] + bias[e])      float32, recomputed in registers, never stored;
+                                                       rounded to X's dtype where the two-step path stores it
     s[b,t,e]  = scale * <C[t], H[b,e]>                 (attention gate; C : [T, D] or [B, T, D])
     s[b,t,e]  = Z[b,t,e] / temperature                 (softmax gate; Z : [B, T, E] given)
     p[b,t,:]  = softmax_e(s[b,t,:]) over the allowed experts (mask, s != -inf, top-k; none -> 0)
@@ -13,15 +14,17 @@ One launch; each program owns ``ROWS >= 16`` rows (the M of ``tl.dot``). ``H[row
 a ``[ROWS, BLOCK_K] x [BLOCK_K, BLOCK_D]`` ``tl.dot`` loop over K with float32 accumulation, then the
 bias and the activation, all in registers.
 
-The attention gate without top-k, when the tile spans D (``D <= 256`` and 16 rows of the
-``[ROWS, T, D]`` accumulator fit), runs **one pass** (``ONE_PASS``): for each expert, ``H[rows, e]``
-is computed once, scored against every task, and folded into ``Y`` by an online softmax over experts
+Two kernels take the same arguments; the launcher picks one. The attention gate without top-k, when
+the tile spans D (``D <= 256`` and 16 rows of the ``[ROWS, T, D]`` accumulator fit), runs **one pass**
+(``experts_mix_one_pass_kernel``): for each expert, ``H[rows, e]`` is computed once, scored against
+every task, and folded into ``Y`` by an online softmax over experts
 (running max ``m``, running denominator, accumulator rescaled by ``exp(m_old - m_new)``, as flash
 attention does over keys); ``p`` for ``return_weights`` and the NaN rows (an allowed ``+inf`` or NaN
 score) come from all ``E`` scores at the end, by ``gate_tile.gate_weights``. The expert matmul runs
 once.
 
-Otherwise (top-k, which needs every score before any weight, or a wider D) two passes:
+Otherwise (top-k, which needs every score before any weight, or a wider D) two passes
+(``experts_mix_two_pass_kernel``):
 
 1. scores (attention gate only): per D chunk, for each expert, ``H[rows, e, chunk]`` dotted with
    each task's context chunk (one task at a time, in the matmul's register layout); then ``p`` from
@@ -49,105 +52,117 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_gate.kernels import INTERPRETED
-from fused_gate.kernels.config import (
-    MIX_REGISTER_LIMIT,
-    ExpertsMixConfig,
-    KernelLaunch,
-    experts_mix_config,
-    mask_operand,
-    operand,
-    registers_for_warps,
-)
+from fused_gate.kernels.config import ExpertsMixConfig, experts_mix_config
 from fused_gate.kernels.gate_tile import (
-    allowed_experts,
+    chunk,
+    column,
     finite_or_zero,
     gate_weights,
     load_gate_tile,
     load_task_vector,
+    output_column,
     store_gate_tile,
+    store_mix_tile,
+    unmasked_experts,
     weighted,
 )
-
-ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "identity")
+from fused_gate.kernels.launch import (
+    KernelLaunch,
+    Plan,
+    gate_meta,
+    gate_operands,
+    mix_outputs,
+    operand,
+    row_blocks,
+)
 
 
 @triton.jit
 def _activate(h, ACTIVATION: tl.constexpr):
-    """``act(h)`` for a name of ``ACTIVATIONS`` (``"identity"``: ``h``). Selects rather than max
-    instructions, which would drop NaN where torch keeps it."""
+    """``act(h)`` for an activation's kernel name (``fused_gate/activations.py``; ``"identity"``: ``h``),
+    float32 to a few ulp over the whole range; ``+-inf`` map to the activation's limit (GELU and SiLU:
+    ``+inf`` and 0), NaN to NaN. Selects rather than max instructions, which would drop NaN where torch
+    keeps it."""
     if ACTIVATION == "relu":
         h = tl.where(h < 0.0, 0.0, h)
     elif ACTIVATION == "leaky_relu":
         h = tl.where(h < 0.0, 0.01 * h, h)  # torch's default negative slope
     elif ACTIVATION == "gelu":
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        h = tl.where(h == float("-inf"), 0.0, 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476)))
     elif ACTIVATION == "silu":
-        h = h * tl.sigmoid(h)
+        h = tl.where(h == float("-inf"), 0.0, h * tl.sigmoid(h))
     elif ACTIVATION == "sigmoid":
         h = tl.sigmoid(h)
     elif ACTIVATION == "tanh":
-        h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+        # (1 - e) / (1 + e) with e = exp(-2|h|) cancels as |h| -> 0 (2 * sigmoid(2h) - 1 likewise): below
+        # |h| = 0.4 the odd Taylor series to h^11 instead (each within 2.5e-7 relative there; NaN kept).
+        a = tl.abs(h)
+        e = tl.exp(-2.0 * a)
+        h2 = h * h
+        series = -17.0 / 315 + h2 * (62.0 / 2835 - h2 * (1382.0 / 155925))
+        series = a * (1.0 + h2 * (-1.0 / 3 + h2 * (2.0 / 15 + h2 * series)))
+        t = tl.where(a < 0.4, series, (1.0 - e) / (1.0 + e))
+        h = tl.where(h < 0.0, -t, t)
     return h
 
 
 @triton.jit
-def _expert_chunk(
-    x_ptr, stride_xb, stride_xk,
-    w_ptr, stride_wk, stride_wd,
-    b_ptr, stride_bd,
-    rows, B, K, D,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DOT_IN_FLOAT32: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """``act(X[rows] @ W[:, :D] + bias[:D])`` as float32 ``[ROWS, BLOCK_D]``, 0 outside ``[B, D]``.
+def _expert_chunk(layer, e, col, at, K, LAYER: tl.constexpr):
+    """``act(X[rows, (e)] @ W[e][:, chunk] + bias[e][chunk])`` as float32 ``[ROWS, BLOCK_D]``, 0 outside
+    ``[B, D]``, for the chunk of columns from ``col`` (a 64-bit scalar; ``at`` holds its width).
 
-    ``x_ptr``, ``w_ptr`` and ``b_ptr`` point at one expert's input, weight and bias, moved to the
-    D chunk; the K loop steps the pointers (64-bit) so offsets inside stay below ``BLOCK_K``.
+    ``layer`` is the operands ``(x, w, b)``, read as ``[B, E, K]``, ``[E, K, D]`` and ``[1, E, D]``;
+    ``LAYER`` the constexprs ``(HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K)``. The K loop
+    steps the pointers (64-bit) so offsets inside stay below ``BLOCK_K``. With a half-precision ``X``,
+    ``X @ W + bias`` and the result are rounded to its dtype in registers, as the two-step path stores
+    them (so both overflow to ``+-inf`` alike).
     """
+    x, w, b = layer
+    HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K = LAYER
+    rows, _, _, offs_d, B, _, _, D = at
+    expert = tl.cast(e, tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_d = offs_d.to(tl.int64)
     r = rows[:, None]
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    x_k = x_ptr + r * stride_xb + offs_k[None, :] * stride_xk
-    w_k = w_ptr + offs_k[:, None] * stride_wk + offs_d[None, :] * stride_wd
+    acc = tl.zeros([rows.shape[0], offs_d.shape[0]], dtype=tl.float32)
+    x_k = x[0] + expert * x[2] + r * x[1] + offs_k[None, :] * x[3]
+    w_k = w[0] + expert * w[1] + col * w[3] + offs_k[:, None] * w[2] + offs_d[None, :] * w[3]
     step = tl.cast(BLOCK_K, tl.int64)  # the K step in 64 bits: BLOCK_K * stride could overflow 32
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_k, mask=(r < B) & (offs_k[None, :] < K - k0), other=0.0)
-        w = tl.load(w_k, mask=(offs_k[:, None] < K - k0) & (offs_d[None, :] < D), other=0.0)
+        x_tile = tl.load(x_k, mask=(r < B) & (offs_k[None, :] < K - k0), other=0.0)
+        w_tile = tl.load(w_k, mask=(offs_k[:, None] < K - k0) & (offs_d[None, :] < D), other=0.0)
         if DOT_IN_FLOAT32:
-            x, w = x.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_k += step * stride_xk
-        w_k += step * stride_wk
+            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+        x_k += step * x[3]
+        w_k += step * w[2]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_d * stride_bd, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
+        bias = b[0] + expert * b[2] + col * b[3]
+        acc += tl.load(bias + offs_d * b[3], mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
+    storage = x[0].dtype.element_ty
+    if storage != tl.float32:
+        acc = acc.to(storage).to(tl.float32)
     h = _activate(acc, ACTIVATION)
+    if storage != tl.float32:
+        h = h.to(storage).to(tl.float32)
     return tl.where((r < B) & (offs_d[None, :] < D), h, 0.0)
 
 
 @triton.jit
-def _add_context_scores(
-    s, h, e, c_ptr, rows, offs_t, offs_e, offs_d, B, D, stride_cb, stride_ct, stride_cd,
-    PER_ROW_CONTEXT: tl.constexpr,
-    NUM_TASKS: tl.constexpr,
-):  # fmt: skip
+def _add_expert_scores(s, h, e, c, at, PER_ROW_CONTEXT: tl.constexpr):
     """``s[:, t, e] += <C[t, chunk], h>`` for every task; ``h`` is expert ``e``'s ``[ROWS, BLOCK_D]`` chunk.
 
     One task at a time, as 2-D products in ``h``'s own layout: a ``[ROWS, BLOCK_T, BLOCK_D]``
     product would need a layout conversion of ``h`` and more registers than the matmul leaves.
     """
-    c_t = c_ptr
-    for t in range(0, NUM_TASKS):
-        c = tl.sum(load_task_vector(c_t, rows, offs_d, B, D, stride_cb, stride_cd, PER_ROW_CONTEXT), axis=1)
-        dots = tl.sum(h * c, axis=1)
+    _, offs_t, offs_e, _, _, T, _, _ = at
+    c_t = c[0]
+    for t in range(0, T):
+        c_vec = tl.sum(load_task_vector(c_t, c, at, PER_ROW_CONTEXT), axis=1)
+        dots = tl.sum(h * c_vec, axis=1)
         here = (offs_t == t)[:, None] & (offs_e == e)[None, :]
         s = tl.where(here[None, :, :], s + dots[:, None, None], s)
-        c_t += stride_ct
+        c_t += c[2]
     return s
 
 
@@ -159,17 +174,17 @@ def _expert_column(p, e, offs_e):
 
 @triton.jit
 def _online_mix(
-    s, allowed, e, h, m, denom, acc, offs_e, scale,
+    s, unmasked, e, h, m, denom, acc, offs_e, scale,
 ):  # fmt: skip
     """One expert's step of the online softmax over experts (flash attention's, over keys).
 
     ``s`` holds expert ``e``'s unscaled scores in column ``e``; ``h`` is its ``[ROWS, BLOCK_D]`` output.
     ``m`` (running max), ``denom`` (running denominator, ``[ROWS, BLOCK_T]``) and ``acc`` (``[ROWS, BLOCK_T,
-    BLOCK_D]``) are rescaled to the new max; only finite allowed scores enter (a row with a ``+inf`` or
-    NaN score is made NaN afterwards from ``p``, exactly as the two-pass path does).
+    BLOCK_D]``) are rescaled to the new max; only finite scores the mask lets in enter (a row with a
+    ``+inf`` or NaN score is made NaN afterwards from ``p``, exactly as the two-pass kernel does).
     """
     s_e = _expert_column(s, e, offs_e) * scale
-    ok = (_expert_column(allowed.to(tl.float32), e, offs_e) > 0.0) & (tl.abs(s_e) < float("inf"))
+    ok = (_expert_column(unmasked.to(tl.float32), e, offs_e) > 0.0) & (tl.abs(s_e) < float("inf"))
     m_new = tl.maximum(m, tl.where(ok, s_e, float("-inf")))
     alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
     w = tl.where(ok, tl.exp(s_e - m_new), 0.0)
@@ -179,7 +194,23 @@ def _online_mix(
 
 
 @triton.jit
-def experts_mix_kernel(
+def _mix_chunk(p, layer, col, at, K, GATE: tl.constexpr, LAYER: tl.constexpr):
+    """``Y[rows, :, chunk] = sum_e p[rows, :, e] H[rows, e, chunk]`` as float32 ``[ROWS, BLOCK_T, BLOCK_D]``,
+    ``H`` recomputed by :func:`_expert_chunk`; an expert no (row, task) of the program uses costs no matmul."""
+    rows, offs_t, offs_e, offs_d, B, _, E, _ = at
+    y = tl.zeros([rows.shape[0], offs_t.shape[0], offs_d.shape[0]], dtype=tl.float32)
+    for e in range(0, E):
+        p_e = tl.where(rows[:, None, None] < B, _expert_column(p, e, offs_e)[:, :, None], 0.0)
+        if tl.max(tl.where(p_e != 0.0, 1, 0)) > 0:
+            h = _expert_chunk(layer, e, col, at, K, LAYER)[:, None, :]
+            # Attention: a non-finite H scores NaN or +-inf, so its weight is 0 or its row is NaN
+            # already (gate_tile.finite_or_zero); the softmax gate selects on the weight instead.
+            y += p_e * finite_or_zero(h) if GATE == "attention" else weighted(p_e, h, p_e)
+    return y
+
+
+@triton.jit
+def experts_mix_two_pass_kernel(
     x_ptr, stride_xb, stride_xe, stride_xk,
     w_ptr, stride_we, stride_wk, stride_wd,
     b_ptr, stride_bb, stride_be, stride_bd,
@@ -188,17 +219,15 @@ def experts_mix_kernel(
     y_ptr, stride_yb, stride_yt, stride_yd,
     p_ptr, stride_pb, stride_pt, stride_pe,
     B, E, K, D, scale, top_k,
-    ATTENTION: tl.constexpr,
+    GATE: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    MASK_PER_ROW: tl.constexpr,
+    MASK: tl.constexpr,
     HAS_TOP_K: tl.constexpr,
     RETURN_WEIGHTS: tl.constexpr,
-    ONE_PASS: tl.constexpr,
     NUM_TASKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -206,95 +235,104 @@ def experts_mix_kernel(
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
 ):  # fmt: skip
-    """See the module docstring. Operands are a pointer and strides read as ``[B, T, X]``
-    (``config.operand``): ``x`` as ``[B, E, K]`` (``stride_xe = 0`` when every expert reads the same
-    input), ``w`` as ``[E, K, D]``, the bias ``[E, D]`` as ``[1, E, D]``; ``cz`` is the context ``C``
-    (``ATTENTION``) or the logits ``Z``. ``y`` and ``p`` have a unit last stride."""
+    """Both gates, any D, top-k; see the module docstring. Each input is a pointer and its strides read
+    as ``[B, T, X]``: ``x`` as ``[B, E, K]`` (``stride_xe = 0`` when every expert reads the same input),
+    ``w`` as ``[E, K, D]``, the bias ``[E, D]`` as ``[1, E, D]``; ``cz`` is the context ``C``
+    (``GATE == "attention"``) or the logits ``Z``. ``y`` and ``p`` have a unit last stride."""
+    x = (x_ptr, stride_xb, stride_xe, stride_xk)
+    w = (w_ptr, stride_we, stride_wk, stride_wd)
+    layer = (x, w, (b_ptr, stride_bb, stride_be, stride_bd))
+    LAYER: tl.constexpr = (HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K)
+    cz = (cz_ptr, stride_czb, stride_czt, stride_czx)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    at = (rows, tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_D), B, NUM_TASKS, E, D)
+
+    # pass 1: the scores, <C[t], H[b,e]> over D chunks (attention gate) or the given logits
+    if GATE == "attention":
+        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            col = tl.cast(d0, tl.int64)
+            chunk_at = chunk(at, d0)
+            for e in range(0, E):
+                h = _expert_chunk(layer, e, col, chunk_at, K, LAYER)
+                s = _add_expert_scores(s, h, e, column(cz, col), chunk_at, PER_ROW_CONTEXT)
+    else:
+        s = load_gate_tile(cz, at)
+
+    # the weights: the masked (top-k) softmax over experts, as in the two-step kernels
+    p, _ = gate_weights(s * scale, (mask_ptr, stride_mb, stride_mt, stride_me), at, top_k, MASK, HAS_TOP_K)
+    if RETURN_WEIGHTS:
+        store_gate_tile((p_ptr, stride_pb, stride_pt, stride_pe), p, at)
+
+    # pass 2: the mix, per D chunk
+    for d0 in range(0, D, BLOCK_D):
+        col = tl.cast(d0, tl.int64)
+        chunk_at = chunk(at, d0)
+        y = _mix_chunk(p, layer, col, chunk_at, K, GATE, LAYER)
+        store_mix_tile(output_column((y_ptr, stride_yb, stride_yt, stride_yd), col), y, chunk_at)
+
+
+@triton.jit
+def experts_mix_one_pass_kernel(
+    x_ptr, stride_xb, stride_xe, stride_xk,
+    w_ptr, stride_we, stride_wk, stride_wd,
+    b_ptr, stride_bb, stride_be, stride_bd,
+    cz_ptr, stride_czb, stride_czt, stride_czx,
+    mask_ptr, stride_mb, stride_mt, stride_me,
+    y_ptr, stride_yb, stride_yt, stride_yd,
+    p_ptr, stride_pb, stride_pt, stride_pe,
+    B, E, K, D, scale, top_k,
+    GATE: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+    MASK: tl.constexpr,
+    HAS_TOP_K: tl.constexpr,
+    RETURN_WEIGHTS: tl.constexpr,
+    NUM_TASKS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    """The attention gate without top-k, ``BLOCK_D >= D``: each expert's ``H`` computed once, scored
+    and folded into ``Y`` by an online softmax. The arguments are those of
+    :func:`experts_mix_two_pass_kernel`, so the launcher only picks the kernel."""
+    tl.static_assert(GATE == "attention", "one pass: the attention gate only")
+    tl.static_assert(not HAS_TOP_K, "one pass: top-k needs every score before any weight")
+    x = (x_ptr, stride_xb, stride_xe, stride_xk)
+    w = (w_ptr, stride_we, stride_wk, stride_wd)
+    layer = (x, w, (b_ptr, stride_bb, stride_be, stride_bd))
+    LAYER: tl.constexpr = (HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K)
+    mask = (mask_ptr, stride_mb, stride_mt, stride_me)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
+    at = (rows, offs_t, offs_e, offs_d, B, NUM_TASKS, E, D)
 
-    # 0. one pass (attention gate, no top-k, the tile spans D): score and mix each expert at once
-    if ONE_PASS:
-        allowed = allowed_experts(
-            mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me, HAS_MASK, MASK_PER_ROW
-        )  # fmt: skip
-        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
-        m = tl.full([ROWS, BLOCK_T], float("-inf"), dtype=tl.float32)
-        denom = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
-        acc = tl.zeros([ROWS, BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for e in range(0, E):
-            expert = tl.cast(e, tl.int64)
-            h = _expert_chunk(
-                x_ptr + expert * stride_xe, stride_xb, stride_xk, w_ptr + expert * stride_we, stride_wk, stride_wd,
-                b_ptr + expert * stride_be, stride_bd,
-                rows, B, K, D, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
-            )  # fmt: skip
-            s = _add_context_scores(
-                s, h, e, cz_ptr, rows, offs_t, offs_e, offs_d, B, D, stride_czb, stride_czt, stride_czx,
-                PER_ROW_CONTEXT, NUM_TASKS,
-            )  # fmt: skip
-            m, denom, acc = _online_mix(s, allowed, e, h, m, denom, acc, offs_e, scale)
-        p, _ = gate_weights(
-            s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
-            0, HAS_MASK, MASK_PER_ROW, False, BLOCK_E,
-        )  # fmt: skip
-        if RETURN_WEIGHTS:
-            store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
-        y = tl.where(denom[:, :, None] > 0.0, acc / denom[:, :, None], 0.0)
-        nan_row = tl.max(tl.where(p != p, 1, 0), axis=2) > 0  # an allowed +inf or NaN score
-        y = tl.where(nan_row[:, :, None], float("nan"), y)
-        store_gate_tile(y_ptr, y, rows, offs_t, offs_d, B, NUM_TASKS, D, stride_yb, stride_yt)
-        return
+    # stage 1: for each expert, H[rows, e] once: its scores, then its step of the online softmax
+    unmasked = unmasked_experts(mask, at, MASK)
+    s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
+    m = tl.full([ROWS, BLOCK_T], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for e in range(0, E):
+        h = _expert_chunk(layer, e, 0, at, K, LAYER)
+        s = _add_expert_scores(s, h, e, (cz_ptr, stride_czb, stride_czt, stride_czx), at, PER_ROW_CONTEXT)
+        m, denom, acc = _online_mix(s, unmasked, e, h, m, denom, acc, offs_e, scale)
 
-    # 1. scores: <C[t], H[b,e]> over D chunks (attention), or the given logits.
-    if ATTENTION:
-        s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            col = tl.cast(d0, tl.int64)
-            for e in range(0, E):
-                expert = tl.cast(e, tl.int64)
-                h = _expert_chunk(
-                    x_ptr + expert * stride_xe, stride_xb, stride_xk,
-                    w_ptr + expert * stride_we + col * stride_wd, stride_wk, stride_wd,
-                    b_ptr + expert * stride_be + col * stride_bd, stride_bd,
-                    rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
-                )  # fmt: skip
-                s = _add_context_scores(
-                    s, h, e, cz_ptr + col * stride_czx, rows, offs_t, offs_e, offs_d, B, D - d0,
-                    stride_czb, stride_czt, stride_czx, PER_ROW_CONTEXT, NUM_TASKS,
-                )  # fmt: skip
-    else:
-        s = load_gate_tile(cz_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_czb, stride_czt, stride_czx)
-
-    # 2. the masked (top-k) softmax over experts, as in the two-step kernels
-    p, _ = gate_weights(
-        s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
-        top_k, HAS_MASK, MASK_PER_ROW, HAS_TOP_K, BLOCK_E,
-    )  # fmt: skip
+    # epilogue: p and the NaN rows (an allowed +inf or NaN score) from all E scores, then Y
+    p, _ = gate_weights(s * scale, mask, at, 0, MASK, False)
     if RETURN_WEIGHTS:
-        store_gate_tile(p_ptr, p, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_pb, stride_pt)
-
-    # 3. the mix, per D chunk: Y[rows, :, chunk] = sum_e p[rows, :, e] H[rows, e, chunk]
-    for d0 in range(0, D, BLOCK_D):
-        col = tl.cast(d0, tl.int64)
-        y = tl.zeros([ROWS, BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for e in range(0, E):
-            p_e = tl.where(rows[:, None, None] < B, _expert_column(p, e, offs_e)[:, :, None], 0.0)
-            # An expert no (row, task) of this program uses costs no matmul.
-            if tl.max(tl.where(p_e != 0.0, 1, 0)) > 0:
-                expert = tl.cast(e, tl.int64)
-                h = _expert_chunk(
-                    x_ptr + expert * stride_xe, stride_xb, stride_xk,
-                    w_ptr + expert * stride_we + col * stride_wd, stride_wk, stride_wd,
-                    b_ptr + expert * stride_be + col * stride_bd, stride_bd,
-                    rows, B, K, D - d0, HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, ROWS, BLOCK_K, BLOCK_D,
-                )[:, None, :]  # fmt: skip
-                # Attention: a non-finite H scores NaN or +-inf, so its weight is 0 or its row is NaN
-                # already (gate_tile.finite_or_zero); the softmax gate selects on the weight instead.
-                y += p_e * finite_or_zero(h) if ATTENTION else weighted(p_e, h, p_e)
-        store_gate_tile(y_ptr + col, y, rows, offs_t, offs_d, B, NUM_TASKS, D - d0, stride_yb, stride_yt)
+        store_gate_tile((p_ptr, stride_pb, stride_pt, stride_pe), p, at)
+    y = tl.where(denom[:, :, None] > 0.0, acc / denom[:, :, None], 0.0)
+    nan_row = tl.max(tl.where(p != p, 1, 0), axis=2) > 0
+    y = tl.where(nan_row[:, :, None], float("nan"), y)
+    store_mix_tile((y_ptr, stride_yb, stride_yt, stride_yd), y, at)
 
 
 def plan_experts_mix(
@@ -306,26 +344,35 @@ def plan_experts_mix(
     scale: float,
     top_k: int | None,
     *,
-    attention: bool,
+    gate: str,
     activation: str,
     return_weights: bool,
     config: ExpertsMixConfig | None = None,
-) -> tuple[Tensor, Tensor | None, list[KernelLaunch]]:
-    """Allocate the outputs and describe the launch (none when ``B = 0``); see :func:`experts_mix_forward`.
+) -> Plan:
+    """The plan (``kernels/launch.py``): outputs ``(Y [B, T, D], p [B, T, E] or None)`` in ``x``'s dtype,
+    and one launch (none when ``B = 0``), of the one-pass kernel where it applies (the attention gate
+    without top-k, the tile spanning D), else of the two-pass kernel.
 
-    ``config`` replaces the heuristic (``kernels/config.py``); its ``block_t`` and ``block_e`` must
-    cover ``T`` and ``E``.
+    Args:
+        x, weight, bias: the experts' last layer, as in :func:`fused_gate.experts_mix`; any strides.
+        cz: the context ``C [T, D]``/``[B, T, D]`` (``gate="attention"``) or the logits ``Z [B, T, E]``
+            (``gate="softmax"``, ``scale = 1 / temperature``).
+        mask, top_k, return_weights: as in :func:`fused_gate.experts_mix`.
+        activation: the activation's kernel name (``fused_gate/activations.py``).
+        config: replaces the heuristic (``kernels/config.py``); its ``block_t`` and ``block_e`` must
+            cover ``T`` and ``E``.
+
+    Inputs are validated by the caller.
     """
     experts, in_features, dim = weight.shape
     batch = x.shape[0]
     tasks = cz.shape[-2]
-    y = torch.empty((batch, tasks, dim), device=x.device, dtype=x.dtype)
-    p = torch.empty((batch, tasks, experts), device=x.device, dtype=x.dtype) if return_weights else None
+    y, p = mix_outputs(x, batch, tasks, experts, dim, return_weights)
     if batch == 0:
-        return y, p, []
-    one_pass = attention and top_k is None
+        return Plan((y, p))
+    one_pass = gate == "attention" and top_k is None
     cfg = config or experts_mix_config(experts, in_features, dim, tasks, x.element_size(), one_pass=one_pass)
-    m = mask_operand(mask)
+    one_pass = one_pass and cfg.block_d >= dim
     # Triton's interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns: it gets them
     # in float32, where the products are exact, as on a tensor core. Compiled kernels keep bfloat16.
     interpreted_bf16 = INTERPRETED and x.dtype == torch.bfloat16
@@ -336,8 +383,7 @@ def plan_experts_mix(
         *x_strides,
         *operand(weight),
         *operand(bias, placeholder=weight),
-        *operand(cz),
-        *operand(m, placeholder=x),
+        *gate_operands(cz, mask, placeholder=x),
         *operand(y),
         *operand(p, placeholder=y),
         batch,
@@ -348,54 +394,15 @@ def plan_experts_mix(
         top_k or 0,
     )
     meta = dict(
-        ATTENTION=attention,
-        PER_ROW_CONTEXT=attention and cz.dim() == 3,
+        **gate_meta(gate, cz, mask),
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
         # float32 inputs multiply in full precision, as torch's matmul does by default (no TF32).
         PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
         DOT_IN_FLOAT32=interpreted_bf16,
-        HAS_MASK=m is not None,
-        MASK_PER_ROW=m is not None and m.dim() == 3,
         HAS_TOP_K=top_k is not None,
         RETURN_WEIGHTS=return_weights,
-        ONE_PASS=one_pass and cfg.block_d >= dim,
-        NUM_TASKS=tasks,
-        BLOCK_T=cfg.block_t,
-        BLOCK_E=cfg.block_e,
-        BLOCK_K=cfg.block_k,
-        BLOCK_D=cfg.block_d,
-        ROWS=cfg.rows,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        maxnreg=registers_for_warps(MIX_REGISTER_LIMIT, cfg.num_warps),
+        **cfg.meta(),
     )
-    return y, p, [KernelLaunch(experts_mix_kernel, (triton.cdiv(batch, cfg.rows),), args, meta)]
-
-
-def experts_mix_forward(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    cz: Tensor,
-    mask: Tensor | None,
-    scale: float,
-    top_k: int | None,
-    *,
-    attention: bool,
-    activation: str,
-    return_weights: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Run the kernel. ``cz``: the context ``C [T, D]``/``[B, T, D]`` (attention gate) or the logits
-    ``Z [B, T, E]`` (softmax gate, ``scale = 1 / temperature``).
-
-    Returns ``Y [B, T, D]`` in ``x``'s dtype and, when ``return_weights``, ``p [B, T, E]`` too. Inputs
-    are validated by the caller; any strides are accepted (no copies).
-    """
-    y, p, launches = plan_experts_mix(
-        x, weight, bias, cz, mask, scale, top_k, attention=attention, activation=activation,
-        return_weights=return_weights,
-    )  # fmt: skip
-    for launch in launches:
-        launch.launch()
-    return y, p
+    kernel = experts_mix_one_pass_kernel if one_pass else experts_mix_two_pass_kernel
+    return Plan((y, p), (KernelLaunch(kernel, row_blocks(batch, cfg.rows), args, meta),))

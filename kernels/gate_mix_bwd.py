@@ -4,7 +4,7 @@ For the upstream gradient ``G = dL/dY [B, T, D]`` (and optionally ``Gp = dL/dp [
 
     dp[b,t,e] = <G[b,t], H[b,e]> (+ Gp[b,t,e])                               (0 where p = 0)
     ds[b,t,e] = p[b,t,e] * (dp[b,t,e] - sum_e' p[b,t,e'] dp[b,t,e'])      (= dp - <G, Y>)
-    dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]     (C term: ATTENTION only)
+    dH[b,e]   = sum_t p[b,t,e] G[b,t] + scale * sum_t ds[b,t,e] C[t]     (C term: attention gate only)
     dC[t]     = scale * sum_b sum_e ds[b,t,e] H[b,e]                       (no sum over b: per-row C)
     dZ[b,t,e] = scale * ds[b,t,e]                                          (softmax gate, scale = 1/temperature)
 
@@ -26,126 +26,99 @@ from torch import Tensor
 from fused_gate.kernels.config import (
     REDUCE_BLOCK,
     REDUCE_SLOTS,
-    KernelLaunch,
     TileConfig,
-    mask_operand,
     max_persistent_programs,
-    operand,
     register_limit,
-    registers_for_warps,
     tile_config,
 )
 from fused_gate.kernels.gate_tile import (
     add_task_dots,
+    chunk,
+    column,
     finite_or_zero,
     gate_weights,
     load_expert_tile,
     load_gate_tile,
     load_task_vector,
+    output_column,
     store_expert_tile,
     store_gate_tile,
     store_task_vector,
     task_row,
 )
+from fused_gate.kernels.launch import (
+    CONTEXT_GATES,
+    KernelLaunch,
+    Plan,
+    gate_meta,
+    gate_operands,
+    new_output,
+    operand,
+)
 
 
 @triton.jit
-def _score_and_grad_dots(
-    s,
-    dp,
-    tile,
-    rows,
-    offs_t,
-    offs_d,
-    cz_ptr,
-    g_ptr,
-    B,
-    D,
-    stride_czb,
-    stride_czt,
-    stride_czx,
-    stride_gb,
-    stride_gt,
-    stride_gd,
-    ATTENTION: tl.constexpr,
-    PER_ROW_CONTEXT: tl.constexpr,
-    NUM_TASKS: tl.constexpr,
-):
-    """Over one D chunk: ``s += <C[t], H[e]>`` (ATTENTION) and ``dp += <G[t], H[e]>`` for every task."""
-    c_t = cz_ptr
-    g_t = g_ptr
-    for t in range(0, NUM_TASKS):
-        if ATTENTION:
-            c = load_task_vector(c_t, rows, offs_d, B, D, stride_czb, stride_czx, PER_ROW_CONTEXT)
-            s = add_task_dots(s, tile, c, t, offs_t)
-            c_t += stride_czt
-        g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
-        dp = add_task_dots(dp, tile, g, t, offs_t)
-        g_t += stride_gt
+def _add_score_and_grad_dots(s, dp, tile, cz, g, at, GATE: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr):
+    """Over the D chunk ``cz``, ``g`` and ``at`` start at: ``s += <C[t], H[e]>`` (attention gate) and
+    ``dp += <G[t], H[e]>`` for every task."""
+    _, offs_t, _, _, _, T, _, _ = at
+    c_t = cz[0]
+    g_t = g[0]
+    for t in range(0, T):
+        if GATE == "attention":
+            s = add_task_dots(s, tile, load_task_vector(c_t, cz, at, PER_ROW_CONTEXT), t, offs_t)
+            c_t += cz[2]
+        dp = add_task_dots(dp, tile, load_task_vector(g_t, g, at, True), t, offs_t)
+        g_t += g[2]
     return s, dp
 
 
 @triton.jit
-def _input_grads_chunk(
-    tile,
-    p,
-    ds,
-    dc_acc,
-    rows,
-    offs_t,
-    offs_e,
-    offs_d,
-    first_block,
-    cz_ptr,
-    g_ptr,
-    dh_ptr,
-    dcz_ptr,
-    ws_slot,
-    ws_pitch,
-    B,
-    E,
-    D,
-    scale,
-    stride_czb,
-    stride_czt,
-    stride_czx,
-    stride_gb,
-    stride_gt,
-    stride_gd,
-    stride_dhb,
-    stride_dhe,
-    stride_dczb,
-    stride_dczt,
-    ATTENTION: tl.constexpr,
-    PER_ROW_CONTEXT: tl.constexpr,
-    NUM_TASKS: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
-):
-    """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination.
+def _weights_and_grads(s, dp, mask, gp, at, scale, MASK: tl.constexpr, HAS_GRAD_P: tl.constexpr):
+    """``(p, ds)`` from the scores ``s`` and ``dp = <G, H>``: the forward's weights (the mask holds the
+    experts it kept, so no top-k here), ``dp`` plus ``dL/dp`` and zero where ``p = 0``, then ``ds``."""
+    p, _ = gate_weights(s * scale, mask, at, 0, MASK, False)
+    if HAS_GRAD_P:
+        dp += load_gate_tile(gp, at)
+    dp = tl.where(p != 0.0, dp, 0.0)
+    return p, p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
 
-    Every pointer already points at the chunk's first column and ``D`` is the chunk's remaining
-    width, so the offsets here stay small; ``ws_slot`` is this program's ``[T, ws_pitch]`` slot.
+
+@triton.jit
+def _input_grads_chunk(
+    tile, p, ds, dc_acc, first_block, cz, g, dh, dcz, ws, at, scale,
+    GATE: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Write ``dH`` for one D chunk and fold this chunk's ``dC`` into its destination: a per-row
+    ``dC``, the register-held partial ``dc_acc`` (one chunk) or the workspace slot ``ws`` (its
+    pointer, its task pitch).
+
+    Every pointer already points at the chunk's first column and ``at`` holds the chunk's remaining
+    width, so the offsets here stay small.
     """
-    dh = tl.zeros_like(tile)
-    if ATTENTION:
+    _, offs_t, _, offs_d, _, T, _, D = at
+    dh_tile = tl.zeros_like(tile)
+    if GATE == "attention":
         tile = finite_or_zero(tile)  # exact: see finite_or_zero
-    c_t = cz_ptr
-    g_t = g_ptr
-    dc_t = dcz_ptr
-    ws_t = ws_slot
-    for t in range(0, NUM_TASKS):
-        g = load_task_vector(g_t, rows, offs_d, B, D, stride_gb, stride_gd, True)
-        g_t += stride_gt
-        dh += task_row(p, t, offs_t)[:, :, None] * g
-        if ATTENTION:
+    c_t = cz[0]
+    g_t = g[0]
+    dc_t = dcz[0]
+    ws_t = ws[0]
+    for t in range(0, T):
+        g_vec = load_task_vector(g_t, g, at, True)
+        g_t += g[2]
+        dh_tile += task_row(p, t, offs_t)[:, :, None] * g_vec
+        if GATE == "attention":
             ds_t = task_row(ds, t, offs_t)[:, :, None]
-            c = load_task_vector(c_t, rows, offs_d, B, D, stride_czb, stride_czx, PER_ROW_CONTEXT)
-            c_t += stride_czt
-            dh += scale * ds_t * c
+            c = load_task_vector(c_t, cz, at, PER_ROW_CONTEXT)
+            c_t += cz[2]
+            dh_tile += scale * ds_t * c
             dc = scale * tl.sum(ds_t * tile, axis=1)
             if PER_ROW_CONTEXT:
-                store_task_vector(dc_t, dc, rows, offs_d, B, D, stride_dczb)
-                dc_t += stride_dczt
+                store_task_vector(dc_t, dcz, dc, at)
+                dc_t += dcz[2]
             elif SINGLE_CHUNK:
                 dc_acc = tl.where((offs_t == t)[:, None], dc_acc + tl.sum(dc, axis=0)[None, :], dc_acc)
             else:
@@ -154,8 +127,8 @@ def _input_grads_chunk(
                 ok = offs_d < D
                 prev = tl.load(ws_t + offs_d, mask=ok & ~first_block, other=0.0)
                 tl.store(ws_t + offs_d, prev + tl.sum(dc, axis=0), mask=ok)
-                ws_t += ws_pitch
-    store_expert_tile(dh_ptr, dh, rows, offs_e, offs_d, B, E, D, stride_dhb, stride_dhe)
+                ws_t += ws[1]
+    store_expert_tile(dh, dh_tile, at)
     return dc_acc
 
 
@@ -170,10 +143,9 @@ def gate_mix_bwd_kernel(
     dcz_ptr, stride_dczb, stride_dczt, stride_dczx,
     ws_ptr,
     B, E, D, scale,
-    ATTENTION: tl.constexpr,
+    GATE: tl.constexpr,
     PER_ROW_CONTEXT: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    MASK_PER_ROW: tl.constexpr,
+    MASK: tl.constexpr,
     HAS_GRAD_P: tl.constexpr,
     NUM_TASKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -185,6 +157,13 @@ def gate_mix_bwd_kernel(
     """Persistent over row blocks. ``cz`` is the context ``C`` or the logits ``Z``; ``dcz`` receives a
     per-row ``dC`` or ``dZ``, and ``ws`` is the ``[programs, T, D]`` float32 workspace of a shared
     context's ``dC``."""
+    h = (h_ptr, stride_hb, stride_he, stride_hd)
+    cz = (cz_ptr, stride_czb, stride_czt, stride_czx)
+    mask = (mask_ptr, stride_mb, stride_mt, stride_me)
+    g = (g_ptr, stride_gb, stride_gt, stride_gd)
+    gp = (gp_ptr, stride_gpb, stride_gpt, stride_gpe)
+    dh = (dh_ptr, stride_dhb, stride_dhe, stride_dhd)
+    dcz = (dcz_ptr, stride_dczb, stride_dczt, stride_dczx)
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -195,56 +174,43 @@ def gate_mix_bwd_kernel(
 
     for block in range(pid, tl.cdiv(B, ROWS), tl.num_programs(0)):
         rows = tl.arange(0, ROWS).to(tl.int64) + tl.cast(block, tl.int64) * ROWS
-        # 1. scores and dp = <G, H> over D. With SINGLE_CHUNK the tile holds all of D and the chunk
-        # loops run once (a constant trip count the compiler folds away), on the tile in registers.
+        at = (rows, offs_t, offs_e, offs_d, B, NUM_TASKS, E, D)
+        # stage 1: scores and dp = <G, H> over D. With SINGLE_CHUNK the tile holds all of D and the
+        # chunk loops run once (a constant trip count the compiler folds away), on the tile in registers.
         if SINGLE_CHUNK:
-            tile = load_expert_tile(h_ptr, rows, offs_e, offs_d, B, E, D, stride_hb, stride_he, stride_hd)
+            tile = load_expert_tile(h, at)
         s = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         dp = tl.zeros([ROWS, BLOCK_T, BLOCK_E], dtype=tl.float32)
         for d0 in range(0, chunks_end, BLOCK_D):
             # Each chunk moves the base pointers (64-bit scalars); offsets inside stay < BLOCK_D.
             col = tl.cast(d0, tl.int64)
-            chunk = tile if SINGLE_CHUNK else load_expert_tile(
-                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
-            )  # fmt: skip
-            s, dp = _score_and_grad_dots(
-                s, dp, chunk, rows, offs_t, offs_d, cz_ptr + col * stride_czx, g_ptr + col * stride_gd, B, D - d0,
-                stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
-                ATTENTION, PER_ROW_CONTEXT, NUM_TASKS,
-            )  # fmt: skip
+            chunk_at = chunk(at, d0)
+            tile_d = tile if SINGLE_CHUNK else load_expert_tile(column(h, col), chunk_at)
+            s, dp = _add_score_and_grad_dots(
+                s, dp, tile_d, column(cz, col), column(g, col), chunk_at, GATE, PER_ROW_CONTEXT
+            )
 
-        # 2. softmax and ds
-        if not ATTENTION:
-            s = load_gate_tile(cz_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_czb, stride_czt, stride_czx)
-        p, _ = gate_weights(
-            s * scale, mask_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_mb, stride_mt, stride_me,
-            0, HAS_MASK, MASK_PER_ROW, False, BLOCK_E,  # no top-k: the mask holds the experts the forward kept
-        )  # fmt: skip
-        if HAS_GRAD_P:
-            dp += load_gate_tile(gp_ptr, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_gpb, stride_gpt, stride_gpe)
-        dp = tl.where(p != 0.0, dp, 0.0)
-        ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
-        if not ATTENTION:
-            store_gate_tile(dcz_ptr, scale * ds, rows, offs_t, offs_e, B, NUM_TASKS, E, stride_dczb, stride_dczt)
+        # stage 2: the weights and ds (dZ = scale * ds for the softmax gate)
+        if GATE != "attention":
+            s = load_gate_tile(cz, at)
+        p, ds = _weights_and_grads(s, dp, mask, gp, at, scale, MASK, HAS_GRAD_P)
+        if GATE != "attention":
+            store_gate_tile(dcz, scale * ds, at)
 
-        # 3. dH, and dC into registers (one tile) or this program's workspace slot (per chunk)
+        # stage 3: dH, and dC into registers (one chunk) or this program's workspace slot (per chunk)
         first_block = block == pid
         for d0 in range(0, chunks_end, BLOCK_D):
             col = tl.cast(d0, tl.int64)
-            chunk = tile if SINGLE_CHUNK else load_expert_tile(
-                h_ptr + col * stride_hd, rows, offs_e, offs_d, B, E, D - d0, stride_hb, stride_he, stride_hd
-            )  # fmt: skip
+            chunk_at = chunk(at, d0)
+            tile_d = tile if SINGLE_CHUNK else load_expert_tile(column(h, col), chunk_at)
             dc_acc = _input_grads_chunk(
-                chunk, p, ds, dc_acc, rows, offs_t, offs_e, offs_d, first_block,
-                cz_ptr + col * stride_czx, g_ptr + col * stride_gd, dh_ptr + col, dcz_ptr + col, ws_slot + col, D,
-                B, E, D - d0, scale,
-                stride_czb, stride_czt, stride_czx, stride_gb, stride_gt, stride_gd,
-                stride_dhb, stride_dhe, stride_dczb, stride_dczt,
-                ATTENTION, PER_ROW_CONTEXT, NUM_TASKS, SINGLE_CHUNK,
+                tile_d, p, ds, dc_acc, first_block, column(cz, col), column(g, col),
+                output_column(dh, col), output_column(dcz, col), (ws_slot + col, D),
+                chunk_at, scale, GATE, PER_ROW_CONTEXT, SINGLE_CHUNK,
             )  # fmt: skip
 
-    # 4. flush the register-held dC partial into this program's slot
-    if ATTENTION and not PER_ROW_CONTEXT and SINGLE_CHUNK:
+    # epilogue: flush the register-held dC partial into this program's slot
+    if GATE == "attention" and not PER_ROW_CONTEXT and SINGLE_CHUNK:
         ws = ws_slot + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
         tl.store(ws, dc_acc, mask=(offs_t[:, None] < NUM_TASKS) & (offs_d[None, :] < D))
 
@@ -277,30 +243,36 @@ def plan_backward(
     mask: Tensor | None,
     scale: float,
     *,
-    attention: bool,
+    gate: str,
     config: TileConfig | None = None,
-) -> tuple[Tensor, Tensor, list[KernelLaunch]]:
-    """Allocate the gradients and describe the launches; see :func:`gate_mix_backward`.
+) -> Plan:
+    """The backward's plan (``kernels/launch.py``): outputs ``(dH [B, E, D], dC | dZ)`` in the shapes
+    and dtypes of ``h`` and ``cz``, and the launches (none when ``B = 0``): one kernel, plus the small
+    ``dC`` reduction for a shared context.
 
-    ``config`` replaces the heuristic tile, as in :func:`plan_forward`.
+    Args:
+        grad_y: ``G = dL/dY [B, T, D]``.
+        grad_p: ``dL/dp [B, T, E]`` when the weights were returned and used, else None.
+        h, cz, scale: the forward's inputs, as in :func:`plan_forward`.
+        mask: the experts the forward mixed (with top-k: the kept ones), so no top-k here.
+        config: replaces the heuristic tile, as in :func:`plan_forward`.
     """
     batch, experts, dim = h.shape
     tasks = cz.shape[-2]
-    dh = torch.empty((batch, experts, dim), device=h.device, dtype=h.dtype)
+    dh = new_output(h, (batch, experts, dim))
+    # A shared context's dC sums over the rows: zero for an empty batch.
+    dcz = new_output(cz, cz.shape, zeroed=batch == 0)
     if batch == 0:
-        return dh, torch.zeros(cz.shape, device=cz.device, dtype=cz.dtype), []
-    shared_context = attention and cz.dim() == 2
+        return Plan((dh, dcz))
+    shared_context = gate in CONTEXT_GATES and cz.dim() == 2
     cfg = config or tile_config(experts, dim, tasks, backward=True)
     num_blocks = triton.cdiv(batch, cfg.rows)
     programs = min(num_blocks, max_persistent_programs(h.device)) if shared_context else num_blocks
-    dcz = torch.empty(cz.shape, device=cz.device, dtype=cz.dtype)
     # A shared context's dC is written by the reduction kernel; the main kernel only fills the slots.
-    ws = torch.empty((programs, tasks, dim), device=h.device, dtype=torch.float32) if shared_context else dcz
-    m = mask_operand(mask)
+    ws = new_output(h, (programs, tasks, dim), dtype=torch.float32) if shared_context else dcz
     args = (
         *operand(h),
-        *operand(cz),
-        *operand(m, placeholder=h),
+        *gate_operands(cz, mask, placeholder=h),
         *operand(grad_y),
         *operand(grad_p, placeholder=grad_y),
         *operand(dh),
@@ -312,52 +284,14 @@ def plan_backward(
         scale,
     )
     meta = dict(
-        ATTENTION=attention,
-        PER_ROW_CONTEXT=attention and not shared_context,
-        HAS_MASK=m is not None,
-        MASK_PER_ROW=m is not None and m.dim() == 3,
+        **gate_meta(gate, cz, mask),
         HAS_GRAD_P=grad_p is not None,
-        NUM_TASKS=tasks,
-        BLOCK_T=cfg.block_t,
-        BLOCK_E=cfg.block_e,
-        BLOCK_D=cfg.block_d,
-        ROWS=cfg.rows,
-        SINGLE_CHUNK=cfg.single_chunk,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        maxnreg=registers_for_warps(register_limit(backward=True, attention=attention), cfg.num_warps),
+        **cfg.meta(register_limit(backward=True, gate=gate)),
     )
     launches = [KernelLaunch(gate_mix_bwd_kernel, (programs,), args, meta)]
     if shared_context:
         numel = tasks * dim
-        launches.append(
-            KernelLaunch(
-                context_grad_reduce_kernel,
-                (triton.cdiv(numel, REDUCE_BLOCK),),
-                (ws, dcz, programs, numel),
-                dict(BLOCK=REDUCE_BLOCK, SLOTS=REDUCE_SLOTS, num_warps=4),
-            )
-        )
-    return dh, dcz, launches
-
-
-def gate_mix_backward(
-    grad_y: Tensor,
-    grad_p: Tensor | None,
-    h: Tensor,
-    cz: Tensor,
-    mask: Tensor | None,
-    scale: float,
-    *,
-    attention: bool,
-) -> tuple[Tensor, Tensor]:
-    """Run the backward: one kernel, plus the small dC reduction for a shared context.
-
-    Returns the gradients in the op's argument order: ``(dH [B, E, D], dC)`` for the attention gate
-    (``attention_mix(h, context)``), ``(dZ, dH)`` for the softmax gate (``softmax_mix(logits, h)``),
-    each in the shape and dtype of its input.
-    """
-    dh, dcz, launches = plan_backward(grad_y, grad_p, h, cz, mask, scale, attention=attention)
-    for launch in launches:
-        launch.launch()
-    return (dh, dcz) if attention else (dcz, dh)
+        grid = (triton.cdiv(numel, REDUCE_BLOCK),)
+        meta = dict(BLOCK=REDUCE_BLOCK, SLOTS=REDUCE_SLOTS, num_warps=4)
+        launches.append(KernelLaunch(context_grad_reduce_kernel, grid, (ws, dcz, programs, numel), meta))
+    return Plan((dh, dcz), tuple(launches))

@@ -132,7 +132,7 @@ def probe_launches():
     import triton
     import triton.language as tl
 
-    from fused_gate.kernels.config import KernelLaunch
+    from fused_gate.kernels.launch import KernelLaunch
 
     @triton.jit
     def probe_narrow(x_ptr, y_ptr, stride_t, T: tl.constexpr, BLOCK: tl.constexpr):

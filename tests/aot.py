@@ -182,11 +182,12 @@ def planned_launches(experts: int, dim: int, tasks: int, attention: bool, option
     # With top-k the forward records the experts it kept, and the backward takes them as its mask.
     kept = torch.empty(BATCH, tasks, experts, dtype=torch.bool) if top_k is not None else None
     weights = "weights" in options
-    _, _, fwd = plan_forward(h, q, mask, 0.125, top_k, attention=attention, return_weights=weights, kept=kept)
+    gate = "attention" if attention else "softmax"
+    fwd = plan_forward(h, q, mask, 0.125, top_k, gate=gate, return_weights=weights, kept=kept)
     grad_y = torch.empty(BATCH, tasks, dim, dtype=dt)
     grad_p = torch.empty(BATCH, tasks, experts, dtype=dt) if weights else None
-    _, _, bwd = plan_backward(grad_y, grad_p, h, q, kept if kept is not None else mask, 0.125, attention=attention)
-    return fwd + bwd
+    bwd = plan_backward(grad_y, grad_p, h, q, kept if kept is not None else mask, 0.125, gate=gate)
+    return [*fwd.launches, *bwd.launches]
 
 
 def planned_experts_mix(
@@ -205,11 +206,11 @@ def planned_experts_mix(
         cz = torch.empty(BATCH, tasks, experts, dtype=dt)
     mask = torch.ones(BATCH, tasks, experts, dtype=torch.bool) if "per_row_mask" in options else None
     top_k = max(1, experts // 2) if "top_k" in options else None
-    _, _, launches = plan_experts_mix(
-        x, weight, bias, cz, mask, 0.125, top_k, attention=attention, activation="relu",
+    plan = plan_experts_mix(
+        x, weight, bias, cz, mask, 0.125, top_k, gate="attention" if attention else "softmax", activation="relu",
         return_weights="weights" in options,
     )  # fmt: skip
-    return launches
+    return list(plan.launches)
 
 
 def compile_record(launch, capability: int, case: list) -> dict:

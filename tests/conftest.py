@@ -47,3 +47,16 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def dispatch_path(request, monkeypatch, device) -> str:
+    """Run the ops, ``experts_mix`` and the layers through the kernels or through the plain-PyTorch fallback,
+    which CPU users get without ``TRITON_INTERPRET`` (the dispatch predicate ``uses_kernels`` forced False)."""
+    if request.param == "fallback":
+        import fused_gate.dispatch
+        import fused_gate.layers
+
+        for module in (fused_gate.dispatch, fused_gate.layers):
+            monkeypatch.setattr(module, "uses_kernels", lambda x: False)
+    return request.param

@@ -249,7 +249,8 @@ def test_double_backward_raises(device):
 def test_context_grad_reduction_sums_every_slot(partials, device):
     """More slots than one tile of them (as an H100's 528 persistent programs give), and a width that
     is not a multiple of the block: the sum of every slot, bit-identical from run to run."""
-    from fused_gate.kernels.config import REDUCE_BLOCK, REDUCE_SLOTS, KernelLaunch
+    from fused_gate.kernels.config import REDUCE_BLOCK, REDUCE_SLOTS
+    from fused_gate.kernels.launch import KernelLaunch
 
     tasks, dim = 3, 300
     ws = torch.randn(partials, tasks, dim, generator=torch.Generator().manual_seed(partials)).to(device)

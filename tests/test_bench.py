@@ -151,3 +151,28 @@ def test_experts_mix_bench_runs_end_to_end(tmp_path):
         (g, i) for g in ("attention", "softmax") for i in ("one-kernel", "two-step", "eager")
     }
     assert all(r["seconds"] > 0 and r["gbps"] > 0 for r in records)
+
+
+def test_interleaved_rounds_alternate_and_give_a_ratio_each():
+    """A then B, B then A, ...: the same calls per round for both, one ratio per round."""
+    from bench.interleaved import compare
+
+    log: list[str] = []
+    comparison = compare(lambda: log.append("a"), lambda: log.append("b"), rounds=4, round_s=0.0, warmup=1)
+    # A warm-up call of each, two of each to size a round (one call per round here), then the rounds.
+    assert "".join(log) == "ab" + "aabb" + "ab" + "ba" + "ab" + "ba"
+    assert len(comparison.ratios) == 4 and all(r > 0 for r in comparison.ratios)
+    median, q1, q3 = comparison.ratio()
+    assert q1 <= median <= q3
+
+
+def test_cpu_fallback_table_runs(capsys):
+    """bench.cpu_fallback, tiny: one row per op, batch size and pass, times and a ratio each."""
+    from bench import cpu_fallback
+
+    argv = ["--batch", "4", "--experts", "3", "--dim", "5", "--tasks", "2", "--rounds", "2", "--round-ms", "1"]
+    cpu_fallback.main([*argv, "--warmup", "0", "--clock", "cpu"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    cells = [[cell.strip() for cell in row.strip("| ").split(" | ")] for row in rows]
+    assert [(c[0], c[2]) for c in cells] == [(op, p) for op in OPS for p in ("fwd", "fwd+bwd")]
+    assert all(float(c[3]) > 0 and float(c[4]) > 0 and float(c[5].split()[0]) > 0 for c in cells)

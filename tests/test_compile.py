@@ -53,7 +53,7 @@ def assert_launchable(record: dict) -> None:
 @pytest.mark.parametrize("case", experts_mix_cases(), ids=lambda c: "-".join(map(str, c[1:-1])) + "-" + "+".join(c[-1]))
 def test_experts_mix_compiles_without_spills(report, case):
     (record,) = report[(*case[:-1], case[-1])]
-    assert record["kernel"] == "experts_mix_kernel"
+    assert record["kernel"] in ("experts_mix_one_pass_kernel", "experts_mix_two_pass_kernel")
     assert record["STACK"] == 0 and record["LOCAL"] == 0, f"experts_mix spills on sm_{case[1]}: {record}"
     assert_launchable(record)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import fused_gate.ops
+import fused_gate.dispatch
 from bench.swap_models import MODELS, import_offline, training_step
 from fused_gate.integrations._convert import FusedMultiTask
 
@@ -89,7 +89,7 @@ def _gradients_as_parameters(model: nn.Module, grads: dict) -> nn.Module:
 @pytest.fixture(params=["kernels", "reference"])
 def gate_path(request, monkeypatch):
     if request.param == "reference":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 
@@ -230,10 +230,12 @@ def test_rejects_other_models():
 
 
 def test_step_timing_script_runs(capsys):
-    """bench.convert_step, tiny: one table row per model, times and a ratio each."""
+    """bench.convert_step, tiny: one table row per model, batch size and mode, times and a ratio each."""
     from bench import convert_step
 
-    convert_step.main(["--batch", "8", "--hidden", "8,4", "--rounds", "1", "--steps", "1", "--warmup", "0"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == list(MODELS)
-    assert all(float(row.split(" | ")[-1].strip(" |")) > 0 for row in rows[1:])
+    argv = ["--batch", "8", "--hidden", "8,4", "--rounds", "2", "--round-ms", "1", "--warmup", "0"]
+    convert_step.main(argv)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    cells = [[cell.strip() for cell in row.strip("| ").split(" | ")] for row in rows]
+    assert [(c[0], c[2]) for c in cells] == [(name, mode) for name in MODELS for mode in ("train", "infer")]
+    assert all(float(c[3]) > 0 and float(c[4]) > 0 and float(c[5].split()[0]) > 0 for c in cells)

@@ -1,4 +1,4 @@
-"""DistributedDataParallel: 2 gloo processes give the gradients of one process on the whole batch.
+"""DistributedDataParallel and FSDP2: 2 gloo processes give the gradients of one process on the whole batch.
 
 The ranks run in a child program (``tests/ddp.py``) in a session of its own, killed whole on timeout,
 so a stuck collective fails this test instead of hanging the suite. They use CPU tensors with
@@ -53,4 +53,17 @@ def test_ddp_gradients_equal_single_process(rank_grads, name):
     assert sum(g.abs().sum() for g in single) > 0
     for g0, g1, want in zip(rank0[name], rank1[name], single, strict=True):
         torch.testing.assert_close(g0, g1, rtol=0, atol=0)  # the all-reduce leaves every rank the same
+        torch.testing.assert_close(g0, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_fsdp2_gradients_equal_single_process(rank_grads, name):
+    """``fully_shard`` (parameters sharded over the ranks): the gradients, gathered whole, are the same on both
+    ranks and equal the single process's on the whole batch."""
+    rank0, rank1 = rank_grads
+    single = rank0[f"{name}/single"]
+    assert len(rank0[f"{name}/fsdp2"]) == len(single) > 0
+    for g0, g1, want in zip(rank0[f"{name}/fsdp2"], rank1[f"{name}/fsdp2"], single, strict=True):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=0)
         torch.testing.assert_close(g0, want, rtol=1e-5, atol=1e-6)

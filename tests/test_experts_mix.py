@@ -10,10 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_gate as fg
-import fused_gate.fused_experts
+import fused_gate.dispatch
 from bench.memory_traffic import count_traffic
+from fused_gate._validation import MIX_MAX_GATE
+from fused_gate.activations import ACTIVATIONS
 from fused_gate.kernels import experts_mix as kernel
-from fused_gate.kernels.config import MIX_MAX_GATE, experts_mix_config
+from fused_gate.kernels.config import experts_mix_config
 
 from .conftest import assert_matches
 from .test_attention_mix import LaunchCounter, _mask
@@ -81,10 +83,67 @@ def test_matches_reference(shape, dtype, gate, device):
     compare(x, weight, bias, dtype, **gate_inputs(gate, batch, experts, dim, tasks, dtype=dtype, device=device))
 
 
-@pytest.mark.parametrize("activation", kernel.ACTIVATIONS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activations_and_no_bias(activation, device):
     x, weight, _ = make_layer(9, 3, 17, 20, device=device)
     compare(x, weight, None, torch.float32, activation=activation, **gate_inputs("attention", 9, 3, 20, 2))
+
+
+def _activation_of(activation: str, values: torch.Tensor) -> torch.Tensor:
+    """``act(values)`` as ``experts_mix`` computes it: one expert of weight 1, no bias, a softmax gate of weight 1."""
+    x, weight = values[:, None], torch.ones(1, 1, 1, dtype=values.dtype, device=values.device)
+    logits = torch.zeros(len(values), 1, 1, dtype=values.dtype, device=values.device)
+    with torch.no_grad():
+        return fg.experts_mix(x, weight, gate="softmax", logits=logits, activation=activation)[:, 0, 0]
+
+
+TORCH_ACTIVATIONS = {
+    "relu": torch.relu,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "identity": lambda h: h,
+}
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations_are_accurate_near_zero_and_far_out(activation, dispatch_path, device):
+    """Every activation, from |h| = 1e-12 to 40, within 2x torch's float32 error plus 4e-7 relative of the
+    float64 value (``2 * sigmoid(2h) - 1`` for tanh was off by 5e-3 relative at 1e-5)."""
+    magnitudes = torch.logspace(-12, 1.6, 400, dtype=torch.float64)
+    exact_in = torch.cat([magnitudes, -magnitudes]).float()
+    exact = TORCH_ACTIVATIONS[activation](exact_in.double())
+    torch32 = TORCH_ACTIVATIONS[activation](exact_in).double()
+    got = _activation_of(activation, exact_in.to(device)).double().cpu()
+    bound = 2 * (torch32 - exact).abs() + 4e-7 * exact.abs()
+    worst = ((got - exact).abs() / bound.clamp(min=1e-45)).argmax()
+    assert (got - exact).abs()[worst] <= bound[worst], f"{activation}({exact_in[worst].item():.3g}) = {got[worst]}"
+
+
+# act(+inf), act(-inf), act(NaN): the limits, one rule for the kernel and the reference (torch's float32 GELU
+# gives NaN at +inf, its GELU and SiLU NaN at -inf).
+LIMITS = {
+    "relu": (INF, 0.0),
+    "leaky_relu": (INF, -INF),
+    "gelu": (INF, 0.0),
+    "silu": (INF, 0.0),
+    "sigmoid": (1.0, 0.0),
+    "tanh": (1.0, -1.0),
+    "identity": (INF, -INF),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations_map_infinities_to_their_limits(activation, dtype, dispatch_path, device):
+    values = torch.tensor([INF, -INF, NAN], dtype=dtype, device=device)
+    got = _activation_of(activation, values).float().cpu()
+    expected = torch.tensor([*LIMITS[activation], NAN])
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+    reference = ACTIVATIONS[activation].function(values.cpu().float())  # what the reference and the layers apply
+    torch.testing.assert_close(reference, expected, equal_nan=True, rtol=0, atol=0)
 
 
 def _strided(x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +253,7 @@ def test_empty_batch(device):
 
 
 def test_one_launch_and_no_expert_output_written(monkeypatch, device):
-    counter = LaunchCounter(monkeypatch, kernel.experts_mix_kernel)
+    counter = LaunchCounter(monkeypatch, kernel.experts_mix_one_pass_kernel, kernel.experts_mix_two_pass_kernel)
     batch, experts, in_features, dim, tasks = 40, 4, 16, 24, 2
     x, weight, bias = make_layer(batch, experts, in_features, dim, device=device)
     with torch.no_grad(), count_traffic() as launches:
@@ -237,7 +296,7 @@ ERROR_CASES = [
     ({"x": torch.randn(4, 8).half()}, TypeError, "must have the same dtype"),
     ({"bias": torch.randn(6)}, ValueError, "bias must be None or [E, D]"),
     ({"activation": "softplus"}, ValueError, "activation must be one of"),
-    ({"gate": "linear"}, ValueError, "gate must be 'attention' or 'softmax'"),
+    ({"gate": "linear"}, ValueError, "gate must be one of"),
     ({"context": None}, ValueError, "gate='attention' needs context"),
     ({"context": torch.randn(2, 7)}, ValueError, "context has D = 7 but x and weight has D = 6"),
     ({"logits": torch.randn(4, 2, 2)}, ValueError, "logits and temperature belong to gate='softmax'"),
@@ -266,7 +325,7 @@ def test_rejects(changes, exc, message, device):
 
 def test_fallback_runs_the_reference(monkeypatch, device):
     """Off the kernel path (CPU without the interpreter) the op is the reference itself."""
-    monkeypatch.setattr(fused_gate.fused_experts, "uses_kernels", lambda x: False)
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     x, weight, bias = make_layer(5, 3, 8, 6, dtype=torch.float64, device=device)
     context = torch.randn(2, 6, dtype=torch.float64, device=device)
     y = fg.experts_mix(x, weight, bias, context=context, top_k=2)
@@ -322,13 +381,13 @@ def test_attention_without_top_k_runs_one_pass():
     """The tile spans D (<= 256) for the attention gate without top-k: one pass, an online softmax."""
     x, weight, bias = make_layer(40, 8, 32, 200)
     context = torch.randn(2, 200)
-    plans = {
-        top_k: kernel.plan_experts_mix(x, weight, bias, context, None, 0.1, top_k, attention=True,
-                                       activation="relu", return_weights=False)[2][0].meta
+    launches = {
+        top_k: kernel.plan_experts_mix(x, weight, bias, context, None, 0.1, top_k, gate="attention",
+                                       activation="relu", return_weights=False).launches[0]
         for top_k in (None, 3)
     }  # fmt: skip
-    assert plans[None]["ONE_PASS"] and plans[None]["BLOCK_D"] >= 200
-    assert not plans[3]["ONE_PASS"]
+    assert launches[None].kernel is kernel.experts_mix_one_pass_kernel and launches[None].meta["BLOCK_D"] >= 200
+    assert launches[3].kernel is kernel.experts_mix_two_pass_kernel
     assert experts_mix_config(8, 32, 512, 2, one_pass=True).block_d < 512  # wider D: two passes
 
 
@@ -350,13 +409,13 @@ def test_one_pass_equals_two_passes(case, device):
     two = dataclasses.replace(one, block_d=16)
     outs = []
     for cfg in (one, two):
-        y, p, launches = kernel.plan_experts_mix(
-            x, weight, bias, context, mask, dim**-0.5, None, attention=True, activation="tanh",
+        plan = kernel.plan_experts_mix(
+            x, weight, bias, context, mask, dim**-0.5, None, gate="attention", activation="tanh",
             return_weights=True, config=cfg,
         )  # fmt: skip
-        assert launches[0].meta["ONE_PASS"] == (cfg is one)
-        launches[0].launch()
-        outs.append((y, p))
+        one_pass = plan.launches[0].kernel is kernel.experts_mix_one_pass_kernel
+        assert one_pass == (cfg is one)
+        outs.append(plan.run())
     torch.testing.assert_close(outs[0][0], outs[1][0], equal_nan=True)
     torch.testing.assert_close(outs[0][1], outs[1][1], equal_nan=True)
     if case == "special":

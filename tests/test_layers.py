@@ -1,6 +1,6 @@
-"""MMoE / PLE / SoftmaxGate against loop-based twins: plain PyTorch, one expert, gate and tower at a time.
+"""MMoE / PLE / SoftmaxGate against loop models: plain PyTorch, one expert, gate and tower at a time.
 
-The twins read the modules' parameters and compute in float64 with Python loops over the experts, gates
+The loop models read the modules' parameters and compute in float64 with Python loops over the experts, gates
 and tasks, their own activations and BatchNorm (batch statistics in train mode, running ones in eval
 mode); the gate mix is ``fused_gate.reference``'s. The layers run through the Triton kernels
 (interpreted without a GPU) and through the reference fallback.
@@ -13,23 +13,27 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_gate as fg
-import fused_gate.ops
+import fused_gate.dispatch
 from fused_gate.experts import BatchedDense, BatchedMLP, Experts
+from fused_gate.kernels import experts_mix, gate_mix_fwd
 from fused_gate.layers import CGCLevel
 
 from .conftest import assert_matches
+from .test_attention_mix import LaunchCounter
 
-ACTIVATION_TWINS = {
+LOOP_ACTIVATIONS = {
     "relu": lambda y: y.clamp_min(0),
     "sigmoid": lambda y: 1 / (1 + torch.exp(-y)),
     "tanh": lambda y: (torch.exp(y) - torch.exp(-y)) / (torch.exp(y) + torch.exp(-y)),
     "leaky_relu": lambda y: torch.where(y > 0, y, 0.01 * y),
+    "gelu": lambda y: 0.5 * y * (1 + torch.erf(y / 2**0.5)),
+    "silu": lambda y: y / (1 + torch.exp(-y)),
     "identity": lambda y: y,
 }
 
 
-class Twin:
-    """The float64 loop twin of one layer call; ``running`` collects the BatchNorm statistics a train-mode
+class LoopModel:
+    """The float64 loop model of one layer call; ``running`` collects the BatchNorm statistics a train-mode
     forward must leave (``name -> expected tensor``), from the buffers as they were before it."""
 
     def __init__(self, model: torch.nn.Module, training: bool):
@@ -64,31 +68,32 @@ class Twin:
         return outs
 
     def dense(self, layer: BatchedDense, xs):
-        assert layer.dropout == 0 or not self.training, "the twin compares dropout-free training steps"
+        assert layer.dropout == 0 or not self.training, "the loop model compares dropout-free training steps"
         outs = self.linear(layer, xs)
         if layer.batch_norm is not None:
             width = layer.out_features
             outs = [self.batch_norm(layer.batch_norm, slice(g * width, (g + 1) * width), y) for g, y in enumerate(outs)]
-        return [ACTIVATION_TWINS[layer.activation](y) for y in outs]
+        return [LOOP_ACTIVATIONS[layer.activation](y) for y in outs]
 
     def mlp(self, mlp: BatchedMLP, xs):
         for layer in mlp.layers:
             xs = self.dense(layer, xs)
         return xs
 
-    def gate(self, gate, xs, h):
-        """``xs``: one input per gate; ``h [B, E, D]``."""
+    def gate(self, gate, xs, h, mask=None):
+        """``xs``: one input per gate; ``h [B, E, D]``; ``mask``: the experts each gate mixes (default the gate's)."""
+        mask = gate.mask if mask is None else mask
         if isinstance(gate, fg.AttentionMix):
-            return fg.reference.attention_mix(h, gate.context.double(), mask=gate.mask, top_k=gate.top_k)
+            return fg.reference.attention_mix(h, gate.context.double(), mask=mask, top_k=gate.top_k)
         if isinstance(gate, fg.InputQueryAttentionMix):
             queries = torch.stack(self.linear(gate.query, xs), dim=1)  # [B, T, D]: one query per row and task
-            return fg.reference.attention_mix(h, queries, mask=gate.mask, top_k=gate.top_k)
+            return fg.reference.attention_mix(h, queries, mask=mask, top_k=gate.top_k)
         z = self.linear(gate.linear, self.mlp(gate.dnn, xs) if gate.dnn is not None else xs)
         if gate.batch_norm is not None:
             e = gate.num_experts
             z = [self.batch_norm(gate.batch_norm, slice(g * e, (g + 1) * e), y) for g, y in enumerate(z)]
         logits = torch.stack(z, dim=1)
-        return fg.reference.softmax_mix(logits, h, mask=gate.mask, top_k=gate.top_k, temperature=gate.temperature)
+        return fg.reference.softmax_mix(logits, h, mask=mask, top_k=gate.top_k, temperature=gate.temperature)
 
     def towers(self, towers, y):
         zs = list(y.unbind(1))
@@ -104,14 +109,24 @@ class Twin:
         y = self.gate(model.gate, [x] * model.num_tasks, h)
         return self.towers(model.towers, y) if model.towers is not None else y
 
-    def cgc(self, level: CGCLevel, inputs):
+    @staticmethod
+    def cgc_mask(level: CGCLevel, num_tasks: int, shared_gate: bool):
+        """The CGC layout written out: task t's gate mixes the shared experts (those reading input T) and t's
+        own; the shared gate every expert, or only the shared ones with ``shared_gate_experts="shared"``."""
+        rows = [[g in (t, num_tasks) for g in level.group.tolist()] for t in range(num_tasks)]
+        if shared_gate:
+            rows.append([level.shared_gate_experts == "all" or g == num_tasks for g in level.group.tolist()])
+        return torch.tensor(rows)
+
+    def cgc(self, level: CGCLevel, inputs, num_tasks: int, shared_gate: bool):
         h = self.experts(level.experts, [inputs[:, g] for g in level.group.tolist()])
-        return self.gate(level.gate, [inputs[:, g] for g in range(level.num_gates)], h)
+        mask = self.cgc_mask(level, num_tasks, shared_gate).to(h.device)
+        return self.gate(level.gate, [inputs[:, g] for g in range(num_tasks + shared_gate)], h, mask)
 
     def ple(self, model: fg.PLE, x):
         out = x[:, None, :].expand(x.shape[0], model.num_tasks + 1, x.shape[1])
-        for level in model.levels:
-            out = self.cgc(level, out)
+        for i, level in enumerate(model.levels):
+            out = self.cgc(level, out, model.num_tasks, shared_gate=i < len(model.levels) - 1)
         return self.towers(model.towers, out) if model.towers is not None else out
 
 
@@ -119,7 +134,7 @@ class Twin:
 def gate_path(request, monkeypatch):
     """The fused mixes through the Triton kernels or through the reference fallback."""
     if request.param == "reference":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 
@@ -135,14 +150,14 @@ def _randomize_batch_norms(model, seed=1):
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
 
 
-def compare(model, twin_method: str, x, *, training: bool):
-    """One forward and backward of ``model`` against its twin: output, dx, every parameter gradient and,
-    in train mode, the BatchNorm running statistics."""
+def compare(model, loop_method: str, x, *, training: bool):
+    """One forward and backward of ``model`` against its loop model: output, dx, every parameter gradient
+    and, in train mode, the BatchNorm running statistics."""
     model.train(training)
-    twin = Twin(model, training)
+    loop_model = LoopModel(model, training)
     model.zero_grad()
     xr = x.double().clone().requires_grad_()
-    ref = getattr(twin, twin_method)(model, xr)
+    ref = getattr(loop_model, loop_method)(model, xr)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (ref * g).sum().backward()
     params = dict(model.named_parameters())
@@ -158,7 +173,7 @@ def compare(model, twin_method: str, x, *, training: bool):
     for name, p in params.items():
         assert_matches(p.grad, want[name], torch.float32, name)
     buffers = dict(model.named_buffers())
-    for name, expected in twin.running.items():
+    for name, expected in loop_model.running.items():
         assert_matches(buffers[name], expected, torch.float32, name)
     return out
 
@@ -193,6 +208,8 @@ MMOE_CONFIGS = {
         dict(activation="leaky_relu", tower_hidden=3, tower_activation="sigmoid", tower_batch_norm=True),
         ("attention",),
     ),
+    # every activation the kernels support is a layer option, gelu and silu included
+    "gelu_silu": (dict(activation="gelu", tower_hidden=3, tower_activation="silu"), ("softmax",)),
 }
 CASES = [(name, gate) for name, (_, gates) in MMOE_CONFIGS.items() for gate in gates]
 
@@ -216,19 +233,19 @@ def build_ple(name, gate, device, levels=2):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("name", "gate"), CASES)
-def test_mmoe_matches_twin(name, gate, training, gate_path, device):
+def test_mmoe_matches_loop_model(name, gate, training, gate_path, device):
     compare(build_mmoe(name, gate, device), "mmoe", torch.randn(7, 10, device=device), training=training)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("name", "gate"), CASES)
-def test_ple_matches_twin(name, gate, training, gate_path, device):
+def test_ple_matches_loop_model(name, gate, training, gate_path, device):
     compare(build_ple(name, gate, device), "ple", torch.randn(6, 10, device=device), training=training)
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
 @pytest.mark.parametrize("towers", [None, 4])
-@pytest.mark.parametrize("gate", fg.layers.GATES)
+@pytest.mark.parametrize("gate", fg.layers.LAYER_GATES)
 def test_mmoe_positional_api(gate, towers, top_k, device):
     torch.manual_seed(0)
     model = fg.MMoE(10, 4, 8, 3, gate=gate, top_k=top_k, tower_hidden=towers).to(device)
@@ -237,7 +254,7 @@ def test_mmoe_positional_api(gate, towers, top_k, device):
 
 
 @pytest.mark.parametrize("levels", [1, 3])
-@pytest.mark.parametrize("gate", fg.layers.GATES)
+@pytest.mark.parametrize("gate", fg.layers.LAYER_GATES)
 def test_ple_levels(gate, levels, device):
     torch.manual_seed(0)
     model = fg.PLE(10, 2, 2, 1, 8, num_levels=levels, gate=gate, tower_hidden=3).to(device)
@@ -247,7 +264,7 @@ def test_ple_levels(gate, levels, device):
 @pytest.mark.parametrize("layer", ["mmoe", "ple"])
 @pytest.mark.parametrize(("name", "gate"), [("deep_bn", "attention"), ("gate_dnn", "softmax")])
 def test_batch_of_one_and_zero(layer, name, gate, device):
-    """B = 1 (eval: BatchNorm cannot train on one row, as in torch) matches the twin; B = 0 keeps the batch
+    """B = 1 (eval: BatchNorm cannot train on one row, as in torch) matches the loop model; B = 0 keeps the batch
     dimension and backpropagates in train and eval mode."""
     model = (build_mmoe if layer == "mmoe" else build_ple)(name, gate, device)
     out = compare(model, layer, torch.randn(1, 10, device=device), training=False)
@@ -278,6 +295,50 @@ def test_dropout_masks_each_expert_independently(device):
     per_expert = (~kept).double().mean(dim=(0, 2))
     assert torch.all((per_expert - p).abs() < 0.04), per_expert
     assert not torch.equal(kept[:, 0], kept[:, 1])
+
+
+def test_dropout_gradient_is_the_mask(device):
+    """The gradient through dropout is the upstream one where the entry was kept, scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    p = 0.3
+    layer = BatchedDense(5, 16, 3, activation="identity", dropout=p).to(device).train()
+    y = layer(torch.randn(64, 3, 5, device=device))
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    kept = (y != 0).to(y.dtype)
+    torch.testing.assert_close(layer.bias.grad, (grad_y * kept / (1 - p)).sum(0))
+
+
+@pytest.mark.parametrize("per_group_input", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_eval_batch_norm_folded_into_the_matmul(per_group_input, activation, device):
+    """In eval mode the layer folds its BatchNorm into the matmul: the same output and gradients as the
+    BatchNorm module applied after it; a BatchNorm with a forward hook is called as a module instead."""
+    torch.manual_seed(0)
+    layer = BatchedDense(5, 4, 3, activation=activation, batch_norm=True).to(device)
+    bn = layer.batch_norm
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+    layer.eval()
+    x = torch.randn(7, 3, 5, device=device) if per_group_input else torch.randn(7, 5, device=device)
+
+    def unfolded() -> torch.Tensor:
+        z = torch.einsum("bgi,gio->bgo" if per_group_input else "bi,gio->bgo", x, layer.weight) + layer.bias
+        return LOOP_ACTIVATIONS[activation](bn(z.flatten(1)).unflatten(1, z.shape[1:]))
+
+    grad_y = torch.randn(7, 3, 4, device=device)
+    results = []
+    for forward in (layer, lambda _: unfolded()):
+        layer.zero_grad()
+        y = forward(x)
+        y.backward(grad_y)
+        results.append((y, layer.weight.grad, bn.weight.grad, bn.bias.grad))
+    for got, want in zip(*results, strict=True):
+        assert_matches(got, want, torch.float32)
+    calls = []
+    bn.register_forward_hook(lambda *_: calls.append(1))
+    assert_matches(layer(x), results[1][0], torch.float32)
+    assert calls == [1]
 
 
 def test_dropout_reaches_gate_dnn_and_towers(device):
@@ -311,6 +372,41 @@ def test_cgc_mask_gives_each_task_shared_and_own_experts():
         dtype=torch.bool,
     )
     assert torch.equal(level.gate.mask, expected)
+
+
+def test_cgc_shared_gate_over_shared_experts_only():
+    level = fg.PLE(4, 3, 2, 1, 5, num_levels=2, shared_gate_experts="shared").levels[0]
+    assert torch.equal(level.gate.mask[3], torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool))
+    assert torch.equal(level.gate.mask[:3], fg.PLE(4, 3, 2, 1, 5, num_levels=2).levels[0].gate.mask[:3])
+
+
+@pytest.mark.parametrize("gate", ["attention", "softmax"])
+def test_ple_shared_gate_experts_matches_loop_model(gate, gate_path, monkeypatch, device):
+    """``shared_gate_experts="shared"`` in training, in eval with autograd (two steps), and in inference, where
+    each level runs as one ``experts_mix`` kernel on the kernels' path (its reference on the other)."""
+    torch.manual_seed(0)
+    model = fg.PLE(10, 2, 2, 1, (6, 5), num_levels=3, gate=gate, shared_gate_experts="shared", tower_hidden=3)
+    model = model.to(device)
+    _randomize_batch_norms(model)
+    x = torch.randn(6, 10, device=device)
+    for training in (True, False):
+        compare(model, "ple", x, training=training)
+    kernels = (experts_mix.experts_mix_one_pass_kernel, experts_mix.experts_mix_two_pass_kernel)
+    launches = LaunchCounter(monkeypatch, *kernels, gate_mix_fwd.gate_mix_fwd_kernel)
+    with torch.no_grad():
+        out = model(x)
+        want = LoopModel(model, training=False).ple(model, x.double())
+    assert_matches(out, want, torch.float32, "inference")
+    one_kernel = launches.counts["experts_mix_one_pass_kernel"] + launches.counts["experts_mix_two_pass_kernel"]
+    assert (one_kernel, launches.counts["gate_mix_fwd_kernel"]) == ((3, 0) if gate_path == "kernels" else (0, 0))
+    all_experts = fg.PLE(10, 2, 2, 1, (6, 5), num_levels=3, gate=gate, tower_hidden=3).to(device).eval()
+    weights = {name: value for name, value in model.state_dict().items() if not name.endswith(".mask")}
+    all_experts.load_state_dict(weights, strict=False)  # the gate masks are buffers: each model keeps its own
+    inputs = x[:, None, :].expand(6, 3, 10)
+    with torch.no_grad():  # the layouts differ in the first level's shared path only
+        shared_only, every = model.levels[0](inputs), all_experts.levels[0](inputs)
+    torch.testing.assert_close(shared_only[:, :2], every[:, :2])
+    assert not torch.allclose(shared_only[:, 2], every[:, 2])
 
 
 def test_one_gate_call_for_every_kind(device):
@@ -390,23 +486,70 @@ def test_compile_with_symbolic_floats(device):
         (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=0), "num_levels"),
         (lambda: fg.MMoE(4, 2, (3, 0), 2), "expert_hidden must be an int >= 1"),
         (lambda: fg.PLE(4, 2, 1, 1, ()), "expert_hidden must be"),
-        (lambda: fg.MMoE(4, 2, 3, 2, gate="softmax", gate_hidden=(2.5,)), "gate_hidden must be"),
-        (lambda: fg.MMoE(4, 2, 3, 2, activation="gelu"), "activation must be one of"),
+        (lambda: fg.MMoE(4, 2, 3, 2, activation="softplus"), "activation must be one of"),
         (lambda: fg.MMoE(4, 2, 3, 2, dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
         (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden=(2,), tower_dropout=-0.1), "dropout must be"),
-        (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden="4"), "tower_hidden must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="attention", gate_hidden=(4,)), "attention gate has none"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, gate="attention", gate_batch_norm=True), "attention gate has none"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="attention_input_query", gate_hidden=(4,)), "query Linear per task"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, gate="attention_input_query", gate_batch_norm=True), "query Linear"),
-        (lambda: fg.InputQueryAttentionMix(4, 0, 3), "num_tasks must be >= 1"),
+        (lambda: fg.InputQueryAttentionMix(4, 0, 3), r"num_tasks must be in 1\.\.16, got 0"),
         (lambda: fg.InputQueryAttentionMix(4, 2, 3, scale=-1.0), "scale must be a finite positive number"),
         (lambda: fg.InputQueryAttentionMix(4, 2, 3, mask=torch.ones(3, 2, dtype=torch.bool)), "mask must have shape"),
+        (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=2, shared_gate_experts="task"), "shared_gate_experts must be one"),
+        (lambda: fg.PLE(4, 2, 0, 1, 3, num_levels=2, shared_gate_experts="shared"), "num_shared_experts >= 1"),
     ],
 )
 def test_rejects_bad_options(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    ("build", "exc", "match"),
+    [
+        # counts: type and range, and the kernels' limits, at construction rather than at the first forward
+        (lambda: fg.MMoE(0, 2, 3, 2), ValueError, "in_features must be >= 1, got 0"),
+        (lambda: fg.MMoE(5, 0, 4, 2), ValueError, r"num_experts must be in 1\.\.256, got 0"),
+        (lambda: fg.MMoE(5, 300, 4, 1), ValueError, r"num_experts must be in 1\.\.256, got 300"),
+        (lambda: fg.MMoE(5, 4, 4, 17), ValueError, r"num_tasks must be in 1\.\.16, got 17"),
+        (lambda: fg.MMoE(5, 4.0, 4, 2), TypeError, "num_experts must be an int, got float"),
+        (lambda: fg.MMoE("5", 4, 4, 2), TypeError, "in_features must be an int, got str"),
+        (lambda: fg.PLE(5, 2, 0, 0, 4), ValueError, "each level needs 1 to 256 experts"),
+        (lambda: fg.PLE(5, 2, 200, 30, 4), ValueError, "each level needs 1 to 256 experts"),
+        (lambda: fg.PLE(5, 2, -1, 1, 4), ValueError, "num_shared_experts must be >= 0, got -1"),
+        (lambda: fg.PLE(5, 16, 1, 1, 4, num_levels=2), ValueError, "num_tasks = 16 with num_levels = 2.*at most 16"),
+        (lambda: fg.PLE(5, 17, 1, 1, 4), ValueError, "num_tasks = 17"),
+        (lambda: fg.PLE(5, 2, 1, 1, 4, num_levels=1.5), TypeError, "num_levels must be an int"),
+        # flags: a string such as "no" is not taken as True
+        (lambda: fg.MMoE(5, 4, 4, 2, fused_experts="no"), TypeError, "fused_experts must be a bool, got str"),
+        (lambda: fg.PLE(5, 2, 1, 1, 4, batch_norm=1), TypeError, "batch_norm must be a bool, got int"),
+        (lambda: fg.MMoE(5, 4, 4, 2, gate="softmax", gate_bias="False"), TypeError, "gate_bias must be a bool"),
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_batch_norm="yes"), TypeError, "tower_batch_norm must be a bool"),
+        # names and probabilities, the tower options too even without towers
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_activation="softplus"), ValueError, "activation must be one of"),
+        (lambda: fg.MMoE(5, 4, 4, 2, activation=None), TypeError, "activation must be a name"),
+        (lambda: fg.MMoE(5, 4, 4, 2, tower_dropout="0.1"), TypeError, "dropout must be a probability"),
+        (lambda: fg.MMoE(4, 2, 3, 2, gate="softmax", gate_hidden=(2.5,)), TypeError, "gate_hidden must be"),
+        (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden="4"), TypeError, "tower_hidden must be"),
+        (lambda: fg.AttentionMix(17, 4), ValueError, r"num_tasks must be in 1\.\.16"),
+        (lambda: fg.SoftmaxGate(4, 2, 300), ValueError, r"num_experts must be in 1\.\.256"),
+    ],
+)
+def test_constructors_name_every_bad_argument(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_largest_layers_within_the_limits_build():
+    fg.MMoE(3, 256, 2, 16)
+    fg.PLE(3, 15, 1, 1, 2, num_levels=2)
+    fg.PLE(3, 16, 0, 1, 2)
+
+
+def test_rejects_shared_gate_experts_of_wrong_type():
+    with pytest.raises(TypeError, match="shared_gate_experts must be a str"):
+        CGCLevel(4, 2, 1, 1, 3, shared_gate=True, shared_gate_experts=True)
 
 
 def test_rejects_bad_option_types():

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_gate as fg
-import fused_gate.ops
+import fused_gate.dispatch
 from fused_gate.kernels.config import tile_config
 
 from .conftest import assert_matches
@@ -34,7 +34,7 @@ NAN, INF = float("nan"), float("inf")
 def path(request, monkeypatch, device) -> str:
     """Run the public ops through the kernels or through the plain-PyTorch fallback."""
     if request.param == "fallback":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     return request.param
 
 
@@ -242,6 +242,139 @@ def test_fully_masked_task_is_zero_even_with_nan_experts(path, device):
     assert y[:, 1].isfinite().all() and dh[:, 1].isfinite().all() and dc.isfinite().all()
 
 
+# ---------------------------------------------------------------------------- 5b. the fallback's fast path
+
+# name -> (build(device) -> (logits, h, mask, top_k), whether the exact rules must take over in the
+# forward and in the backward). The fast path is plain softmax and batched matmuls; a special value it
+# mishandles leaves a NaN or inf in Y (in ds in the backward), and the exact rules then recompute the call.
+
+
+def _scores_case(change=None, mask=None, top_k=None):
+    def build(device):
+        gen = torch.Generator().manual_seed(5)
+        logits, h = torch.randn(6, 3, 5, generator=gen), torch.randn(6, 5, 4, generator=gen)
+        if change is not None:
+            change(logits, h)
+        m = None if mask is None else torch.tensor(mask)
+        return logits.to(device), h.to(device), None if m is None else m.to(device), top_k
+
+    return build
+
+
+def _set(where, value):
+    def change(logits, h):
+        (logits if where[0] == "z" else h)[where[1:]] = value
+
+    return change
+
+
+PARTIAL_MASK = [[True, False, True, True, False], [False, True, True, False, True], [True, True, True, True, True]]
+FAST_PATH_CASES = {
+    "finite": (_scores_case(), False, False),
+    "mask": (_scores_case(mask=PARTIAL_MASK), False, False),
+    "top-k": (_scores_case(top_k=2), False, False),
+    "-inf logit": (_scores_case(_set(("z", 1, 0, 3), -INF)), False, False),
+    "fully masked task": (_scores_case(mask=[[False] * 5, *PARTIAL_MASK[1:]]), True, False),
+    "all -inf row": (_scores_case(_set(("z", 2, 1, slice(None)), -INF)), True, False),
+    "NaN logit": (_scores_case(_set(("z", 0, 2, 1), NAN)), True, True),
+    "+inf logit": (_scores_case(_set(("z", 3, 0, 4), INF)), True, True),
+    "NaN expert, masked out": (_scores_case(_set(("h", 4, 1, 2), NAN), mask=PARTIAL_MASK), True, True),
+    "inf expert, used": (_scores_case(_set(("h", 4, 0, 0), INF)), True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(FAST_PATH_CASES))
+def test_fallback_fast_path_hits_and_misses(case, monkeypatch, device):
+    """The float32 fallback against the float64 reference (which always takes the exact path); the exact
+    rules run exactly when a special value defeats the fast path, forward and backward apart."""
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
+    exact = {"forward": 0, "backward": 0}
+    for name, key in (("gate_weights", "forward"), ("_weight_grads", "backward")):
+        original = getattr(fg.reference, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            exact[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fg.reference, name, counted)
+    build, exact_forward, exact_backward = FAST_PATH_CASES[case]
+    logits, h, mask, top_k = build(device)
+    grad_y = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(6)).to(device)
+    z, hk = logits.clone().requires_grad_(), h.clone().requires_grad_()
+    y, p = fg.softmax_mix(z, hk, mask=mask, top_k=top_k, return_weights=True)
+    assert exact["forward"] == int(exact_forward)
+    y.backward(grad_y)
+    assert exact == {"forward": int(exact_forward), "backward": int(exact_backward)}
+    z64, h64 = logits.double().requires_grad_(), h.double().requires_grad_()
+    yr, pr = fg.reference.softmax_mix(z64, h64, mask=mask, top_k=top_k, return_weights=True)
+    yr.backward(grad_y.double())
+    for actual, expected, what in ((y, yr, "Y"), (p, pr, "p"), (z.grad, z64.grad, "dZ"), (hk.grad, h64.grad, "dH")):
+        assert_same_values(actual, expected, torch.float32, what)
+
+
+def test_fallback_fast_path_of_the_attention_gate(monkeypatch, device):
+    """The attention gate's fast path (finite scores, a masked row, top-k) and its exact rules (an expert
+    output of inf that only a masked task sees) against float64."""
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
+    h, context, grad_y = make_inputs(5, 4, 6, 3, device=device)
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False], [True] * 4], device=device)
+    for top_k in (None, 2):
+        assert_same("attention_mix", [h, context], grad_y, mask=mask, top_k=top_k)
+    h[2, 1, 0] = INF
+    assert_same("attention_mix", [h, context], grad_y, mask=mask)
+
+
+@pytest.mark.parametrize("op", ["attention_mix", "softmax_mix"])
+def test_fallback_through_the_custom_op_under_torch_compile(op, monkeypatch, device):
+    """Compiled, the fallback runs behind the custom op (its backward recomputes p), fast path and exact
+    rules alike; eager, it calls the reference's function. Both give the same values."""
+    monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
+    h, context, grad_y = make_inputs(4, 3, 5, 2, device=device)
+    logits = torch.randn(4, 2, 3, device=device)
+    inputs = [h, context] if op == "attention_mix" else [logits, h]
+    mask = torch.tensor([[True, False, True], [False, False, False]], device=device)
+    fn = getattr(fg, op)
+
+    def forward_backward(call, values):
+        leaves = [x.clone().requires_grad_() for x in values]
+        y, p = call(*leaves)
+        y.backward(grad_y)
+        return [y, p, *(x.grad for x in leaves)]
+
+    def gate(*args):
+        return fn(*args, mask=mask, return_weights=True)
+
+    compiled = torch.compile(gate, backend="aot_eager", fullgraph=True)
+    for values in (inputs, [x.masked_fill(torch.rand_like(x) < 0.2, NAN) for x in inputs]):
+        for got, want in zip(forward_backward(compiled, values), forward_backward(gate, values), strict=True):
+            assert_same_values(got, want, torch.float32, op)
+
+
+@pytest.mark.parametrize("op", ["attention_mix", "softmax_mix"])
+def test_fallback_refuses_double_backward_as_the_kernels(op, path, device):
+    h, context, _ = make_inputs(3, 2, 5, 2, device=device)
+    inputs = [h, context] if op == "attention_mix" else [torch.randn(3, 2, 2, device=device), h]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    (grad,) = torch.autograd.grad(getattr(fg, op)(*leaves).pow(2).sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_float32_reference_double_backward_matches_float64():
+    """The fast path saves p; a higher-order backward recomputes it from the inputs."""
+    h, context, _ = make_inputs(4, 5, 6, 3)
+    logits = torch.randn(4, 3, 5)
+
+    def second_order(dtype):
+        hk, ck, zk = (x.to(dtype).requires_grad_() for x in (h, context, logits))
+        y = fg.reference.attention_mix(hk, ck, top_k=3) + fg.reference.softmax_mix(zk, hk, temperature=0.5)
+        (gh,) = torch.autograd.grad(y.pow(2).sum(), hk, create_graph=True)
+        return torch.autograd.grad(gh.pow(2).sum(), (ck, zk))
+
+    for got, want in zip(second_order(torch.float32), second_order(torch.float64), strict=True):
+        assert_matches(got, want, torch.float32, "second-order gradient")
+
+
 # ---------------------------------------------------------------------------- 6, 9. forward mode, torch.func
 
 
@@ -308,6 +441,29 @@ def test_vmap_over_a_batch_of_gates(device):
     stacked = torch.func.vmap(lambda c: fg.attention_mix(h, c))(contexts)
     for i in range(6):
         assert_matches(stacked[i], fg.reference.attention_mix(h.double(), contexts[i].double()), torch.float32)
+
+
+@pytest.mark.parametrize("op", ["attention_mix", "softmax_mix"])
+def test_backward_and_forward_mode_through_a_vmapped_gate(op, device):
+    """A vmapped forward (a stack of models trained at once) differentiates as each member alone, in reverse
+    mode and in forward mode."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, 6, device=device)  # [stack, B, E, D]
+    second = torch.randn(3, 4, 2, 6 if op == "attention_mix" else 5, device=device)  # contexts or logits
+
+    def mix(h, second):
+        return fg.attention_mix(h, second) if op == "attention_mix" else fg.softmax_mix(second, h)
+
+    leaves = h.clone().requires_grad_(), second.clone().requires_grad_()
+    torch.func.vmap(mix)(*leaves).square().sum().backward()
+    tangents = torch.randn_like(h), torch.randn_like(second)
+    _, jvp = torch.func.vmap(lambda a, b, ta, tb: torch.func.jvp(mix, (a, b), (ta, tb)))(h, second, *tangents)
+    for i in range(3):
+        alone = h[i].clone().requires_grad_(), second[i].clone().requires_grad_()
+        mix(*alone).square().sum().backward()
+        for stacked, single in zip(leaves, alone, strict=True):
+            assert_matches(stacked.grad[i], single.grad, torch.float32, "gradient")
+        assert_matches(jvp[i], torch.func.jvp(mix, alone, (tangents[0][i], tangents[1][i]))[1], torch.float32)
 
 
 # ---------------------------------------------------------------------------- 7. reference top-k memory
@@ -435,6 +591,7 @@ def test_constructors_validate_at_construction(build, error, match):
 
 # ---------------------------------------------------------------------------- property test with special values
 
+FINITE = st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0])
 SPECIAL = st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0, NAN, INF, -INF])
 
 
@@ -449,11 +606,13 @@ SPECIAL = st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0, NAN, INF, -INF])
     attention=st.booleans(),
 )
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_property_special_values(batch, experts, dim, tasks, data, use_top_k, mask_kind, attention, device):
-    """Small integers (exact sums, so ties are exact on both paths) mixed with NaN and +-inf."""
+def test_property_special_values(batch, experts, dim, tasks, data, use_top_k, mask_kind, attention, path, device):
+    """Small integers (exact sums, so ties are exact on both paths) mixed with NaN and +-inf; a tensor is
+    finite half the time, so that the fallback's fast path is hit as well as missed."""
 
     def tensor(*shape):
-        flat = data.draw(st.lists(SPECIAL, min_size=math.prod(shape), max_size=math.prod(shape)))
+        values = SPECIAL if data.draw(st.booleans()) else FINITE
+        flat = data.draw(st.lists(values, min_size=math.prod(shape), max_size=math.prod(shape)))
         return torch.tensor(flat, dtype=torch.float32, device=device).view(*shape)
 
     h = tensor(batch, experts, dim)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fused_gate as fg
-import fused_gate.ops
+import fused_gate.dispatch
+import fused_gate.layers
 from fused_gate.apps import study
 from fused_gate.apps.stacked import train_stacked
 from fused_gate.apps.synthetic import cosine_task_weights, make_tasks
@@ -113,7 +114,7 @@ def test_history_records_the_best_evaluation_and_stalls_after_patience():
     assert not history.record(400, [float("nan"), 1.0], [0.5, 0.5]) and history.stalled(10)
 
 
-@pytest.mark.parametrize("gate", fg.layers.GATES)
+@pytest.mark.parametrize("gate", fg.layers.LAYER_GATES)
 def test_early_stopping_keeps_the_best_weights(gate):
     x, y = make_tasks(256, 8, 0.5, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -127,12 +128,13 @@ def test_early_stopping_keeps_the_best_weights(gate):
     assert all(0.0 <= e <= 1.0 + 1e-6 for e in entropy)
 
 
-@pytest.mark.parametrize("gate", fg.layers.GATES)
+@pytest.mark.parametrize("gate", fg.layers.LAYER_GATES)
 def test_a_stack_trains_each_member_as_train_would_alone(gate, monkeypatch):
     """Members with their own seed, data and learning rate (one that diverges, one that stops early, one that
     runs to the cap) end with the histories and weights that ``train`` gives each alone. The mixes run the
     reference in both, as the stack's vmapped forward does."""
-    monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+    for module in (fused_gate.dispatch, fused_gate.layers):
+        monkeypatch.setattr(module, "uses_kernels", lambda x: False)
     seeds, lrs = [0, 1, 1], [1.0, 0.3, 1e-2]
     data = [make_tasks(160, 8, 0.5, torch.Generator().manual_seed(s)) for s in seeds]
     x, y = (torch.stack([d[i][:128] for d in data]) for i in (0, 1))
@@ -188,7 +190,7 @@ def test_quick_study_end_to_end(tmp_path):
         assert {row["verdict"], row["paired_verdict"], *row["half_verdicts"]} <= {"better", "tie", "worse"}
         assert len(row[f"{row['gate']}_test_mse"]) == len(row[f"{row['against']}_test_mse"]) == 4
     assert {(c["setting"], c["gate"]) for c in record["chosen_lr"]} == {
-        (s, g) for s in ("p = 0.5", "4 tasks, 16 experts") for g in study.GATES
+        (s, g) for s in ("p = 0.5", "4 tasks, 16 experts") for g in study.LAYER_GATES
     }
     tests = [r for r in record["runs"] if r["split"] == "test"]
     assert len(tests) == 2 * 3 * 4 and all(len(r["test_mse"]) in (2, 4) for r in tests)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import importlib.util
 import io
 import subprocess
@@ -22,9 +23,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gate
-import fused_gate.ops
+import fused_gate.dispatch
 from bench.swap_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
 from fused_gate.integrations import _gates
+from fused_gate.kernels import gate_mix_bwd, gate_mix_fwd
+from fused_gate.op_names import SCHEMA_VERSION
 
 from .conftest import assert_matches
 
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix``, ``aten::_softmax``)
+    """Counts every op that reaches the dispatcher by name (``fused_gate::softmax_mix_v1``, ``aten::_softmax``)
     and keeps the outputs of ``aten::_softmax`` (the gate weights of an unswapped model)."""
 
     def __init__(self):
@@ -81,7 +84,7 @@ def assert_same_step(original, swapped, inputs, what=""):
 def gate_path(request, monkeypatch):
     """Route softmax_mix to the Triton kernels or to the reference; yields the kernel launch counts."""
     if request.param == "reference":
-        monkeypatch.setattr(fused_gate.ops, "uses_kernels", lambda x: False)
+        monkeypatch.setattr(fused_gate.dispatch, "uses_kernels", lambda x: False)
     launches = {"forward": 0, "backward": 0}
 
     def counted(kind, fn):
@@ -92,8 +95,8 @@ def gate_path(request, monkeypatch):
 
         return run
 
-    monkeypatch.setattr(fused_gate.ops, "gate_mix_forward", counted("forward", fused_gate.ops.gate_mix_forward))
-    monkeypatch.setattr(fused_gate.ops, "gate_mix_backward", counted("backward", fused_gate.ops.gate_mix_backward))
+    monkeypatch.setattr(gate_mix_fwd, "plan_forward", counted("forward", gate_mix_fwd.plan_forward))
+    monkeypatch.setattr(gate_mix_bwd, "plan_backward", counted("backward", gate_mix_bwd.plan_backward))
     return request.param, launches
 
 
@@ -117,8 +120,8 @@ def test_swapped_step_matches_original(name, train, gate_path, device):
     fused = OpRecorder()
     with fused:
         training_step(copy.deepcopy(swapped), inputs)
-    assert fused.counts["fused_gate::softmax_mix"] == levels, fused.counts
-    assert fused.counts["fused_gate::softmax_mix_backward"] == levels
+    assert fused.counts[f"fused_gate::softmax_mix_v{SCHEMA_VERSION}"] == levels, fused.counts
+    assert fused.counts[f"fused_gate::softmax_mix_backward_v{SCHEMA_VERSION}"] == levels
     assert fused.counts["aten::_softmax"] == 0
     assert launches == ({"forward": levels, "backward": levels} if path == "kernels" else {"forward": 0, "backward": 0})
 
@@ -160,9 +163,9 @@ def test_deepcopy_and_checkpoints(name, device):
     swapped.eval()
     want = model(inputs)
 
-    twin = copy.deepcopy(swapped)
-    assert type(twin) is type(swapped)
-    assert_matches(twin(inputs), want, torch.float32, "deepcopy")
+    copied = copy.deepcopy(swapped)
+    assert type(copied) is type(swapped)
+    assert_matches(copied(inputs), want, torch.float32, "deepcopy")
 
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)  # the original's checkpoint into a fresh swapped model
@@ -248,10 +251,129 @@ def test_nothing_to_swap_returns_empty_and_warns():
         fused_gate.swap_in("model")
 
 
-def test_swap_in_twice_swaps_nothing_new():
-    _, swapped, _, _ = build("deepctr_ple", "cpu")
-    with pytest.warns(UserWarning, match="nothing swapped"):
+@pytest.mark.parametrize("name", ["deepctr_ple", "rechub_ple"])
+def test_swap_in_twice_says_the_layers_are_already_swapped(name):
+    _, swapped, names, _ = build(name, "cpu")
+    where = ", ".join(f"'{n}'" if n else "the model itself" for n in names)
+    with pytest.warns(UserWarning, match=f"nothing swapped, the layers it supports are already swapped: {where}$"):
         assert fused_gate.swap_in(swapped) == []
+
+
+def _subclass(name: str, base: type, **methods) -> type:
+    """A user's subclass of a library class, reachable by pickle as ``tests.test_swap_in.<name>``."""
+    cls = type(name, (base,), {"__module__": __name__, "__qualname__": name, **methods})
+    globals()[name] = cls
+    return cls
+
+
+def _library_class(name: str) -> type:
+    model, _ = MODELS[name][0]()
+    return type(model)
+
+
+def _as_subclass(name: str, subclass_of, **methods):
+    """A builder's model, its class replaced by a subclass (named after the test) of the library class."""
+    model, inputs = MODELS[name][0]()
+    model.__class__ = subclass_of(type(model), **methods)
+    return model, inputs
+
+
+def _keeps_forward(base: type) -> type:
+    return _subclass(f"Scored{base.__name__}", base, score=lambda self, x: self(x).sum(dim=1))
+
+
+def _overrides(base: type, method: str) -> type:
+    original = getattr(base, method)
+    return _subclass(f"Tweaked{base.__name__}", base, **{method: lambda self, *args: original(self, *args) * 0.5})
+
+
+@pytest.mark.parametrize("name", ["rechub_mmoe", "deepctr_mmoe", "deepctr_ple"])
+def test_a_subclass_that_keeps_the_forward_is_swapped_and_keeps_its_methods(name, device):
+    model, inputs = _as_subclass(name, _keeps_forward)
+    model.to(device).eval()
+    inputs = inputs_to(inputs, device)
+    swapped = copy.deepcopy(model)
+    assert fused_gate.swap_in(swapped) == [""]
+    assert isinstance(swapped, type(model)) and type(swapped).__name__ == f"Fused{type(model).__name__}"
+    assert_matches(swapped.score(inputs), model.score(inputs), torch.float32, "the subclass's own method")
+    buf = io.BytesIO()
+    torch.save(swapped, buf)  # the subclass's twin pickles as (library twin, subclass)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is type(swapped)
+    assert_matches(loaded(inputs), model(inputs), torch.float32, "saved and loaded")
+    to_fused = importlib.import_module(MODELS[name][1]).to_fused
+    assert_matches(to_fused(model).eval()(inputs), model(inputs), torch.float32, "to_fused of the subclass")
+
+
+OVERRIDES = {"rechub_mmoe": "forward", "deepctr_mmoe": "forward", "deepctr_ple": "cgc_net"}
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_a_subclass_that_overrides_the_forward_is_refused_by_both(name):
+    method = OVERRIDES[name]
+    model, _ = _as_subclass(name, functools.partial(_overrides, method=method))
+    cls, library = type(model), "torch-rechub" if name.startswith("rechub") else "DeepCTR-Torch"
+    why = f"{cls.__name__} is a subclass of {library} {cls.__mro__[1].__name__} that overrides {method}"
+    with pytest.warns(UserWarning) as caught:
+        assert fused_gate.swap_in(model) == []
+    messages = [str(w.message) for w in caught]
+    assert any(f"at the model itself left unchanged: {why}" in m for m in messages), messages
+    assert any("nothing swapped, every MMoE / PLE layer" in m for m in messages), messages
+    assert type(model) is cls
+    with pytest.raises(TypeError, match=f"cannot convert model: {why}"):
+        importlib.import_module(MODELS[name][1]).to_fused(model)
+
+
+@pytest.mark.parametrize("name", ["rechub_mmoe", "rechub_ple"])
+def test_hooks_on_the_gates_fire_as_in_the_original(name, gate_path, device):
+    """torch-rechub twins: a hook on a gate MLP, or one on its Softmax that changes the weights, fires and acts as
+    in the original (the twin runs the library's forward while such hooks are registered)."""
+    model, swapped, _, inputs = build(name, device)
+    results = []
+    for m in (model, swapped):
+        m.eval()
+        gates = [g for n, g in m.named_modules() if "gate" in n and type(g).__name__ == "MLP"]
+        calls = Counter()
+        handles = [g.register_forward_hook(lambda *args, calls=calls: calls.update(["mlp"])) for g in gates]
+        handles += [g.mlp[-2].register_forward_hook(lambda mod, args, out: out.flip(1)) for g in gates]
+        with torch.no_grad():
+            out = m(inputs)
+        results.append((out, calls["mlp"]))
+        for handle in handles:
+            handle.remove()
+        assert calls["mlp"] == len(gates) > 0
+    (out, calls), (out_s, calls_s) = results
+    assert calls_s == calls
+    assert_matches(out_s, out, torch.float32, f"{name} with hooks")
+    with torch.no_grad():  # hooks removed: the fused mix again
+        recorded = OpRecorder()
+        with recorded:
+            swapped(inputs)
+    assert recorded.counts[f"fused_gate::softmax_mix_v{SCHEMA_VERSION}"] == MODELS[name][2]
+
+
+@pytest.mark.parametrize("name", ["deepctr_mmoe", "deepctr_ple", "rechub_mmoe"])
+def test_swapped_model_runs_in_float64(name, gate_path, device):
+    """``model.double()`` works swapped as it does unswapped: float64 runs the reference, on every device."""
+    model, swapped, _, inputs = build(name, device)
+    model.double().eval()
+    swapped.double().eval()
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.double()
+    with torch.no_grad():
+        out, out_s = model(inputs), swapped(inputs)
+    assert out_s.dtype == torch.float64
+    torch.testing.assert_close(out_s, out)
+
+
+def test_swap_warns_about_a_model_the_library_cannot_run():
+    """DeepCTR-Torch's PLE builds specific_expert_num shared experts: with more shared ones it cannot run."""
+    model, inputs = MODELS["deepctr_ple"][0](per_task=1, shared=2)
+    with pytest.warns(UserWarning, match=r"PLE at the model itself swapped, but the library cannot run it: "):
+        assert fused_gate.swap_in(model) == [""]
+    with pytest.raises(IndexError):
+        model(inputs)
 
 
 def test_import_fused_gate_imports_neither_library():
@@ -270,10 +392,14 @@ def test_deepctr_version_check_stays_offline():
 
 
 def test_step_timing_script_runs(capsys):
-    """bench.swap_in_step, tiny: one table row per model, times and a ratio each."""
+    """bench.swap_in_step, tiny: one table row per model, batch size and mode, times and a ratio each."""
     from bench import swap_in_step
 
-    swap_in_step.main(["--batch", "8", "--hidden", "8", "--rounds", "1", "--steps", "1", "--warmup", "0"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == list(MODELS)
-    assert all(float(row.split(" | ")[-1].strip(" |")) > 0 for row in rows[1:])
+    argv = ["--batch", "8,16", "--hidden", "8", "--rounds", "2", "--round-ms", "1", "--warmup", "0"]
+    swap_in_step.main(argv)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    cells = [[cell.strip() for cell in row.strip("| ").split(" | ")] for row in rows]
+    assert [(c[0], c[1], c[2]) for c in cells] == [
+        (name, batch, mode) for name in MODELS for batch in ("8", "16") for mode in ("train", "infer")
+    ]
+    assert all(float(c[3]) > 0 and float(c[4]) > 0 and float(c[5].split()[0]) > 0 for c in cells)

@@ -153,7 +153,9 @@ def test_experts_mix_writes_nothing_of_size_h_in_one_launch():
     for gate in ("attention", "softmax"):
         r = traffic.measure_experts_mix(gate, shape, "bf16")
         (launch,) = r.launches
-        assert launch.kernel == "experts_mix_kernel"
+        assert launch.kernel == (
+            "experts_mix_one_pass_kernel" if gate == "attention" else "experts_mix_two_pass_kernel"
+        )
         assert launch.stored == launch.unique_stored == r.output_bytes < r.expert_bytes
         assert launch.unique == r.floor
         assert launch.unique / r.two_step < 0.45  # 2 |H| = 134 MB of the two-step's 235 MB never moves

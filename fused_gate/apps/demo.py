@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 import fused_gate as fg
+from fused_gate._validation import MAX_EXPERTS
+from fused_gate.apps.arguments import device, integer, real
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import Progress, train
-
-GATES = ("softmax", "attention", "attention_input_query")
+from fused_gate.layers import LAYER_GATES
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -37,19 +38,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="the first correlation only, one seed: 3 trainings instead of 27"
     )
-    parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per correlation")
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-size", type=int, default=50000)
-    parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--input-dim", type=int, default=100)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--expert-hidden", type=int, default=16)
-    parser.add_argument("--tower-hidden", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--correlations", type=real(-1.0, 1.0), nargs="+", default=[0.5, 0.9, 1.0])
+    parser.add_argument("--seeds", type=integer(1), default=3, help="seeds per correlation")
+    parser.add_argument("--steps", type=integer(1), default=5000)
+    parser.add_argument("--batch-size", type=integer(1), default=128)
+    parser.add_argument("--train-size", type=integer(1), default=50000)
+    parser.add_argument("--test-size", type=integer(1), default=2000)
+    parser.add_argument("--input-dim", type=integer(2), default=100, help="at least 2 (two task directions)")
+    parser.add_argument("--experts", type=integer(1, MAX_EXPERTS), default=8)
+    parser.add_argument("--expert-hidden", type=integer(1), default=16)
+    parser.add_argument("--tower-hidden", type=integer(1), default=8)
+    parser.add_argument("--lr", type=real(0.0, low_open=True), default=1e-2)
+    parser.add_argument("--eval-every", type=integer(1), default=50)
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the loss-curve PNG")
     args = parser.parse_args(argv)
     if args.quick:
@@ -113,7 +114,7 @@ def _plot(curves: dict, args: argparse.Namespace) -> Path | None:
     for col, corr in enumerate(args.correlations):
         for task in range(2):
             ax = axes[task][col]
-            for gate in GATES:
+            for gate in LAYER_GATES:
                 runs = curves[(corr, gate)]
                 mean = [statistics.fmean(run[i][task] for run in runs) for i in range(len(runs[0]))]
                 steps = [min((i + 1) * args.eval_every, args.steps) for i in range(len(mean))]
@@ -136,12 +137,12 @@ def _plot(curves: dict, args: argparse.Namespace) -> Path | None:
 def run(args: argparse.Namespace) -> dict:
     """Train every (correlation, gate, seed); print the tables; return the results."""
     kernels = fg.uses_kernels(torch.empty(0, device=args.device))
-    print(f"fused_gate demo: MMoE, gates {', '.join(GATES)}; device {args.device}, torch {torch.__version__}")
+    print(f"fused_gate demo: MMoE, gates {', '.join(LAYER_GATES)}; device {args.device}, torch {torch.__version__}")
     print(
         f"d={args.input_dim}, {args.experts} experts x {args.expert_hidden} units, towers {args.tower_hidden}, "
         f"{args.steps} steps of {args.batch_size}, {_seeds(args.seeds)}, Adam lr {args.lr}\n"
     )
-    progress = Progress(len(args.correlations) * len(GATES) * args.seeds)
+    progress = Progress(len(args.correlations) * len(LAYER_GATES) * args.seeds)
     curves: dict = {}
     finals: dict = {}
     for corr in args.correlations:
@@ -150,17 +151,17 @@ def run(args: argparse.Namespace) -> dict:
             x, y = make_tasks(args.train_size + args.test_size, args.input_dim, corr, gen)
             x, y = x.to(args.device), y.to(args.device)
             train, test = slice(0, args.train_size), slice(args.train_size, None)
-            for gate in GATES:
+            for gate in LAYER_GATES:
                 curve, per_task = _train(args, gate, x[train], y[train], x[test], y[test], seed)
                 curves.setdefault((corr, gate), []).append(curve)
                 finals.setdefault((corr, gate), []).append(per_task)
                 progress.step(f"p={corr} {gate} seed {seed}")
 
     print(f"\nFinal test MSE per task (mean over {_seeds(args.seeds)}; lower is better)")
-    print(f"{'p':>5} | " + " | ".join(f"{f'{gate}: task 1':>{len(gate) + 8}} {'task 2':>8}" for gate in GATES))
+    print(f"{'p':>5} | " + " | ".join(f"{f'{gate}: task 1':>{len(gate) + 8}} {'task 2':>8}" for gate in LAYER_GATES))
     for corr in args.correlations:
         cells = []
-        for gate in GATES:
+        for gate in LAYER_GATES:
             runs = finals[(corr, gate)]
             task_1, task_2 = (statistics.fmean(r[k] for r in runs) for k in range(2))
             cells.append(f"{task_1:>{len(gate) + 8}.4f} {task_2:>8.4f}")

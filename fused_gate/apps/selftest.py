@@ -24,6 +24,8 @@ import torch
 
 import fused_gate as fg
 from fused_gate._interpreter import interpreter_problem
+from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
+from fused_gate.apps.arguments import device, integer
 from fused_gate.kernels import INTERPRETED
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,20 +33,24 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fused_gate.apps.selftest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: by device)")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=None, help="expert width D (default: by device)")
-    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=integer(1), nargs="+", help="batch sizes (default: by device)")
+    parser.add_argument("--experts", type=integer(1, MAX_EXPERTS), default=8)
+    parser.add_argument("--dim", type=integer(1), default=None, help="expert width D (default: by device)")
+    parser.add_argument("--tasks", type=integer(1, MAX_TASKS), default=4)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=integer(1), default=None, help="timed calls per shape (default: by device)")
     args = parser.parse_args(argv)
-    gpu = args.device.startswith("cuda")
-    args.batch = args.batch or ([256, 4096, 65536] if gpu else [64, 512])
-    args.dim = args.dim or (256 if gpu else 64)
+    gpu = _on_gpu(args.device)
+    args.batch = [256, 4096, 65536] if gpu and args.batch is None else args.batch or [64, 512]
+    args.dim = (256 if gpu else 64) if args.dim is None else args.dim
     args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    args.repeats = args.repeats or (50 if gpu else 5)
+    args.repeats = (50 if gpu else 5) if args.repeats is None else args.repeats
     return args
+
+
+def _on_gpu(device_name: str) -> bool:
+    return torch.device(device_name).type == "cuda"
 
 
 def _step(fn, h, context, grad_y):
@@ -57,7 +63,7 @@ def _median_ms(fn, repeats: int, device: str) -> float:
     fn()  # warm-up (compiles the kernels on first use)
     times = []
     for _ in range(repeats):
-        if device.startswith("cuda"):
+        if _on_gpu(device):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -77,7 +83,12 @@ def _max_error(outputs, exact) -> float:
 
 def run(args: argparse.Namespace) -> dict[int, dict[str, tuple[float, float]]]:
     """Print the table; returns ``{B: {"fused" | "eager": (max error, median ms)}}``."""
-    mode = "Triton kernels" if args.device.startswith("cuda") else "Triton kernels, interpreted on CPU"
+    if _on_gpu(args.device):
+        mode = "Triton kernels"
+    elif fg.uses_kernels(torch.empty(0, device=args.device)):
+        mode = "Triton kernels, interpreted on CPU"
+    else:  # run() called without main()'s restart: the fused op is the reference
+        mode = "no kernels (TRITON_INTERPRET=1 was not set before import): fused_gate's reference fallback"
     print(f"fused_gate self-test: attention gate, {mode}; torch {torch.__version__}, device {args.device}")
     print(f"E={args.experts} experts, D={args.dim}, T={args.tasks} tasks, dtype={args.dtype}\n")
     header = f"{'B':>7} {'max err fused':>14} {'max err eager':>14} {'fused ms':>10} {'eager ms':>10} {'speedup':>8}"
@@ -108,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[int, dict[str, tuple[float, float]]]:
         (err_f, ms_f), (err_e, ms_e) = results["fused"], results["eager"]
         print(f"{batch:>7} {err_f:>14.2e} {err_e:>14.2e} {ms_f:>10.3f} {ms_e:>10.3f} {ms_e / ms_f:>7.2f}x")
     print("\nErrors are the largest absolute difference of Y, dH and dC from a float64 run.")
-    if not args.device.startswith("cuda"):
+    if not _on_gpu(args.device):
         print("CPU timings measure Triton's interpreter, not the kernels' speed: run on a GPU for real numbers.")
     return table
 
@@ -116,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[int, dict[str, tuple[float, float]]]:
 def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, float]]]:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    if args.device == "cpu" and not INTERPRETED:
+    if not _on_gpu(args.device) and not INTERPRETED:
         # The kernels only run on CPU through Triton's interpreter, which must be chosen before
         # triton is imported: restart with it switched on, unless it cannot run here.
         problem = interpreter_problem()

@@ -58,8 +58,8 @@ from fused_gate.apps.stacked import train_stacked
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import History, Progress
 from fused_gate.kernels import INTERPRETED
+from fused_gate.layers import LAYER_GATES
 
-GATES = ("softmax", "attention", "attention_input_query")
 # (a, b): the verdicts compare gate a against gate b, d = a - b
 COMPARISONS = (("attention", "softmax"), ("attention_input_query", "softmax"), ("attention_input_query", "attention"))
 LR_GRID = (3e-3, 1e-2, 3e-2)
@@ -117,7 +117,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CI smoke run: p = 0.5 only, 4 seeds, 40 steps")
     parser.add_argument("--correlations", type=float, nargs="+", help="two-task cosines (default 0.5 0.9 1.0)")
     parser.add_argument("--four-tasks", action=argparse.BooleanOptionalAction, help="the 4-task, 16-expert setting")
-    parser.add_argument("--gates", nargs="+", choices=GATES, help=f"gates to compare (default: {' '.join(GATES)})")
+    parser.add_argument(
+        "--gates", nargs="+", choices=LAYER_GATES, help=f"gates to compare (default: {' '.join(LAYER_GATES)})"
+    )
     parser.add_argument("--seeds", type=int, help="seeds at the chosen learning rate (default 10)")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds per learning rate in the sweep")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="learning rates swept first (default 3e-3 1e-2 3e-2)")
@@ -154,7 +156,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.gates = list(dict.fromkeys(args.gates or GATES))  # once each, in the order given
+    args.gates = list(dict.fromkeys(args.gates or LAYER_GATES))  # once each, in the order given
     args.lr_grid = sorted(set(args.lr_grid or LR_GRID))
     for name in ("sweep_seeds", "steps", "eval_every", "patience", "batch_size", "workers"):
         if getattr(args, name) < 1:

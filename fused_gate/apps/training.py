@@ -39,6 +39,13 @@ class Progress:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
+    def print(self, line: str) -> None:
+        """Print ``line`` on stdout on a line of its own; the next ``step`` draws the bar again below it."""
+        if 0 < self.done < self.total:
+            sys.stderr.write("\r\033[K" if sys.stderr.isatty() else "\n")
+            sys.stderr.flush()
+        print(line, flush=True)
+
 
 @dataclass
 class History:

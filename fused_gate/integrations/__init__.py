@@ -11,7 +11,7 @@ import importlib
 
 from torch import nn
 
-from fused_gate.integrations._swap import swap_layers, warn_if_nothing_swapped
+from fused_gate.integrations._swap import Swaps, report, swap_layers
 
 __all__ = ["swap_in"]
 
@@ -27,7 +27,10 @@ def swap_in(model: nn.Module) -> list[str]:
 
     The gate logits stay computed by the library's own layers; the softmax and the weighted sum of the
     experts become one fused call per level. Parameters, buffers and ``state_dict`` keys are unchanged.
-    A layer the fused gate cannot express is left as it is, with a warning naming it and why.
+    A layer the fused gate cannot express is left as it is, with a warning naming it and why; so is a
+    subclass of a library class that overrides ``forward`` (or another method the swap replaces), while a
+    subclass that keeps them is swapped and keeps its other methods. A layer swapped before is not
+    swapped again.
 
     Returns:
         The qualified names (as in ``model.named_modules()``, ``""`` for ``model`` itself) of the
@@ -35,9 +38,10 @@ def swap_in(model: nn.Module) -> list[str]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    packages = {type(module).__module__.partition(".")[0] for module in model.modules()}
-    swapped = []
+    # The classes' bases too: a user's subclass of a library class lives in the user's module.
+    packages = {cls.__module__.partition(".")[0] for module in model.modules() for cls in type(module).__mro__}
+    swaps = Swaps()
     for package, (integration, library) in INTEGRATIONS.items():
         if package in packages:
-            swapped += swap_layers(model, importlib.import_module(integration).TWINS, library)
-    return warn_if_nothing_swapped(swapped, "MMoE / PLE layer of " + " or ".join(n for _, n in INTEGRATIONS.values()))
+            swaps += swap_layers(model, importlib.import_module(integration).TWINS, library)
+    return report(swaps, "MMoE / PLE layer of " + " or ".join(n for _, n in INTEGRATIONS.values()))

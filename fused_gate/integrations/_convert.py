@@ -1,7 +1,7 @@
 """Building a ``fused_gate.MMoE`` / ``PLE`` from a library model's layers: the shared part of the converters.
 
 A library model holds one MLP per expert, gate and tower. The converters describe each as a list of
-:class:`Dense` layers (``Linear -> BatchNorm -> activation -> dropout``), check that the MLPs batched into
+:class:`Dense` layers (``Linear -> BatchNorm -> activation -> dropout``), validate that the MLPs batched into
 one fused module have the same structure (:func:`batched_options`), build the fused layer and copy every
 weight and BatchNorm buffer into the groups of its batched modules (:func:`load_mlp`, :func:`load_linear`).
 
@@ -19,24 +19,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fused_gate.activations import ACTIVATIONS
 from fused_gate.experts import BatchedLinear, BatchedMLP, TaskTowers
 from fused_gate.gates import SoftmaxGate
 
-# library activation module -> fused activation name
-_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
+
+def _default_form(module: nn.Module) -> bool:
+    """Whether ``module`` computes its activation's function as registered: ``LeakyReLU``'s slope 0.01,
+    ``GELU``'s exact (erf) form."""
+    return getattr(module, "negative_slope", 0.01) == 0.01 and getattr(module, "approximate", "none") == "none"
 
 
 def activation_name(module: nn.Module, where: str) -> str:
-    """The fused name of a library activation module; ``ValueError`` naming ``where`` if it has none."""
-    if type(module) in _ACTIVATIONS:
-        return _ACTIVATIONS[type(module)]
-    if isinstance(module, nn.LeakyReLU) and module.negative_slope == 0.01:
-        return "leaky_relu"
+    """The fused name of a library activation module (:data:`fused_gate.activations.ACTIVATIONS`);
+    ``ValueError`` naming ``where`` if it has none."""
+    for name, activation in ACTIVATIONS.items():
+        if type(module) is activation.module and _default_form(module):
+            return name
     if type(module).__name__ == "Identity" and not any(True for _ in module.parameters()):
         return "identity"  # DeepCTR-Torch's "linear" activation
+    supported = ", ".join(a.module.__name__ for a in ACTIVATIONS.values())
     raise ValueError(
-        f"{where}: activation {module!r} cannot be converted; the batched layers support ReLU, Sigmoid, Tanh, "
-        "LeakyReLU(0.01) and identity (activations with learned parameters, such as PReLU or Dice, are not batched)"
+        f"{where}: activation {module!r} cannot be converted; the batched layers support {supported} "
+        "(LeakyReLU with slope 0.01, GELU exact; activations with learned parameters, such as PReLU or Dice, "
+        "are not batched)"
     )
 
 

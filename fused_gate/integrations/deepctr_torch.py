@@ -37,7 +37,7 @@ from fused_gate.integrations._convert import (
     tower_options,
 )
 from fused_gate.integrations._gates import GateLayout, cgc_layout
-from fused_gate.integrations._swap import FusedTwin, module_device, swap_layers, warn_if_nothing_swapped
+from fused_gate.integrations._swap import FusedTwin, module_device, refuse_overridden, report, swap_layers
 
 __all__ = ["FeatureInput", "FusedMMOE", "FusedPLE", "swap_in", "to_fused"]
 
@@ -73,6 +73,19 @@ class FusedMMOE(FusedTwin, MMOE):
 
 class FusedPLE(FusedTwin, PLE):
     """DeepCTR-Torch ``PLE`` whose CGC levels mix all their gates in one fused call each."""
+
+    reproduces = ("forward", "cgc_net")
+
+    @classmethod
+    def caveat(cls, module: PLE) -> str | None:
+        built = len(module.shared_experts[0][0])
+        if built < module.shared_expert_num:
+            return (
+                f"the library cannot run it: shared_experts.0.0 holds {built} experts, fewer than shared_expert_num = "
+                f"{module.shared_expert_num} (DeepCTR-Torch builds specific_expert_num of them), so its forward "
+                "raises IndexError, swapped or not"
+            )
+        return None
 
     @classmethod
     def layouts(cls, module: PLE) -> dict[str, GateLayout]:
@@ -112,7 +125,7 @@ def swap_in(model: nn.Module) -> list[str]:
     Returns the qualified names of the swapped modules (``""`` for ``model`` itself), as
     ``model.named_modules()`` gives them. Warns and returns ``[]`` when there is nothing to swap.
     """
-    return warn_if_nothing_swapped(swap_layers(model, TWINS, "DeepCTR-Torch"), "DeepCTR-Torch MMOE or PLE")
+    return report(swap_layers(model, TWINS, "DeepCTR-Torch"), "DeepCTR-Torch MMOE or PLE")
 
 
 # ---------------------------------------------------------------------------- to_fused
@@ -256,14 +269,18 @@ def to_fused(model: nn.Module) -> FusedMultiTask:
     ``model`` is not changed; the L2 regularisation terms of the library's ``fit`` are not carried over.
 
     Raises:
-        TypeError: ``model`` is neither a DeepCTR-Torch ``MMOE`` nor ``PLE``.
+        TypeError: ``model`` is neither a DeepCTR-Torch ``MMOE`` nor ``PLE``, or a subclass that overrides
+            ``forward`` (or, for ``PLE``, ``cgc_net``), which the converted model would not compute; a
+            subclass that keeps them is converted, as ``swap_in`` swaps it.
         ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
-            Sigmoid, Tanh, LeakyReLU(0.01) or linear (PReLU and Dice have learned parameters), or a PLE
+            LeakyReLU(0.01), GELU, SiLU, Sigmoid, Tanh or linear (PReLU and Dice have learned parameters), or a PLE
             with fewer shared experts built than it uses.
     """
     if isinstance(model, MMOE):
+        refuse_overridden(model, MMOE, FusedMMOE.reproduces, "DeepCTR-Torch", "model")
         layer = _convert_mmoe(model)
     elif isinstance(model, PLE):
+        refuse_overridden(model, PLE, FusedPLE.reproduces, "DeepCTR-Torch", "model")
         layer = _convert_ple(model)
     else:
         raise TypeError(f"model must be a DeepCTR-Torch MMOE or PLE, got {type(model).__name__}")

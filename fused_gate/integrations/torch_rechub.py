@@ -3,9 +3,13 @@ batched fused layers: ``to_fused(model)``.
 
 A torch-rechub gate is ``MLP(dims=[E], activation="softmax")``: Linear -> BatchNorm1d -> Softmax(dim=1)
 -> Dropout(0). The twins run the gate's own layers up to the softmax (so the logits, the BatchNorm
-statistics and any hook stay the library's) and replace the softmax and the per-task weighted sums by
-one :func:`fused_gate.softmax_mix` call per level. Every random draw (the experts' and towers' dropout)
-happens in the library's order, so a seeded training step matches the original.
+statistics and the hooks on those layers stay the library's) and replace the softmax and the per-task
+weighted sums by one :func:`fused_gate.softmax_mix` call per level. Every random draw (the experts' and
+towers' dropout) happens in the library's order, so a seeded training step matches the original.
+
+The fused call never computes what a gate ``MLP``, its ``Sequential``, its ``Softmax`` or its ``Dropout``
+returns, so a forward hook or pre-hook on one of them (or on every module) would not fire: while one is
+registered, the twin runs the library's forward instead, and every hook sees what it sees in the original.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch_rechub.models.multi_task.mmoe import MMOE
 from torch_rechub.models.multi_task.ple import CGC, PLE
 
 from fused_gate import layers
+from fused_gate._hooks import forward_hooked
 from fused_gate.integrations._convert import (
     Dense,
     FusedMultiTask,
@@ -31,7 +36,7 @@ from fused_gate.integrations._convert import (
     tower_options,
 )
 from fused_gate.integrations._gates import GateLayout, cgc_layout
-from fused_gate.integrations._swap import FusedTwin, module_device, swap_layers, warn_if_nothing_swapped
+from fused_gate.integrations._swap import FusedTwin, module_device, refuse_overridden, report, swap_layers
 
 __all__ = ["FeatureInput", "FusedCGC", "FusedMMOE", "swap_in", "to_fused"]
 
@@ -62,8 +67,14 @@ def _first_unsupported(gates: list[tuple[str, nn.Module]]) -> str | None:
     return next((r for r in (_gate_unsupported(g, what) for what, g in gates) if r is not None), None)
 
 
+def _gates_hooked(gates: list[MLP]) -> bool:
+    """Whether a forward hook or pre-hook would see what the fused call does not compute: a gate's weights."""
+    return forward_hooked(*(m for gate in gates for m in (gate, gate.mlp, gate.mlp[-2], gate.mlp[-1])))
+
+
 class FusedMMOE(FusedTwin, MMOE):
-    """torch-rechub ``MMOE`` whose T gates mix the experts in one fused call."""
+    """torch-rechub ``MMOE`` whose T gates mix the experts in one fused call (the library's forward while a
+    hook is registered on a gate's MLP, Softmax or Dropout, or on every module)."""
 
     @classmethod
     def unsupported(cls, module: MMOE) -> str | None:
@@ -74,6 +85,8 @@ class FusedMMOE(FusedTwin, MMOE):
         return {"gates": GateLayout([range(module.n_expert)] * module.n_task, module.n_expert)}
 
     def forward(self, x):
+        if _gates_hooked(list(self.gates)):
+            return MMOE.forward(self, x)
         embed_x = self.embedding(x, self.features, squeeze_dim=True)
         expert_outs = [expert(embed_x) for expert in self.experts]
         logits = [_gate_logits(gate, embed_x) for gate in self.gates]
@@ -86,7 +99,8 @@ class FusedMMOE(FusedTwin, MMOE):
 
 
 class FusedCGC(FusedTwin, CGC):
-    """torch-rechub ``CGC`` (a PLE level) whose task gates and shared gate mix in one fused call."""
+    """torch-rechub ``CGC`` (a PLE level) whose task gates and shared gate mix in one fused call (the library's
+    forward while a hook is registered on a gate's MLP, Softmax or Dropout, or on every module)."""
 
     @classmethod
     def unsupported(cls, module: CGC) -> str | None:
@@ -101,7 +115,12 @@ class FusedCGC(FusedTwin, CGC):
         layout = cgc_layout(module.n_task, module.n_expert_specific, module.n_expert_shared, shared_gate=shared_gate)
         return {"gates": layout}
 
+    def _gates(self) -> list[MLP]:
+        return [*self.gates_specific, *([self.gate_shared] if self.cur_level < self.n_level else [])]
+
     def forward(self, x_list):
+        if _gates_hooked(self._gates()):
+            return CGC.forward(self, x_list)
         per_task = self.n_expert_specific
         expert_outs = [
             self.experts_specific[t * per_task + k](x_list[t]) for t in range(self.n_task) for k in range(per_task)
@@ -122,7 +141,7 @@ def swap_in(model: nn.Module) -> list[str]:
     Returns the qualified names of the swapped modules (``""`` for ``model`` itself), as
     ``model.named_modules()`` gives them. Warns and returns ``[]`` when there is nothing to swap.
     """
-    return warn_if_nothing_swapped(swap_layers(model, TWINS, "torch-rechub"), "torch-rechub MMOE or PLE layer")
+    return report(swap_layers(model, TWINS, "torch-rechub"), "torch-rechub MMOE or PLE layer")
 
 
 # ---------------------------------------------------------------------------- to_fused
@@ -255,14 +274,21 @@ def to_fused(model: nn.Module) -> FusedMultiTask:
     not changed.
 
     Raises:
-        TypeError: ``model`` is neither a torch-rechub ``MMOE`` nor ``PLE``.
+        TypeError: ``model`` is neither a torch-rechub ``MMOE`` nor ``PLE``, or a subclass that overrides
+            ``forward`` (as are its ``CGC`` levels), which the converted model would not compute; a subclass
+            that keeps the library's ``forward`` is converted, as ``swap_in`` swaps it.
         ValueError: a part cannot be converted (named in the message): an activation other than ReLU,
-            Sigmoid, Tanh, LeakyReLU(0.01) (PReLU and Dice have learned parameters), towers or experts of
-            different widths, activations or dropout, a gate with dropout after its softmax.
+            LeakyReLU(0.01), GELU, SiLU, Sigmoid, Tanh or identity (PReLU and Dice have learned parameters),
+            towers or experts of different widths, activations or dropout, a gate with dropout after its
+            softmax.
     """
     if isinstance(model, MMOE):
+        refuse_overridden(model, MMOE, FusedMMOE.reproduces, "torch-rechub", "model")
         layer = _convert_mmoe(model)
     elif isinstance(model, PLE):
+        refuse_overridden(model, PLE, ("forward",), "torch-rechub", "model")
+        for level, cgc in enumerate(model.cgc_layers):
+            refuse_overridden(cgc, CGC, FusedCGC.reproduces, "torch-rechub", f"cgc_layers.{level}")
         layer = _convert_ple(model)
     else:
         raise TypeError(f"model must be a torch-rechub MMOE or PLE, got {type(model).__name__}")
