@@ -2,12 +2,13 @@
 
     python -m tests.serving_trace        (without TRITON_INTERPRET: the kernels must be compiled ones)
 
-The ops (``attention_mix``, ``softmax_mix`` with top-k and the weights, ``experts_mix`` with both gates)
-run on fake CUDA tensors whose batch size is symbolic, under ``aot_export_module`` as AOTInductor runs
-it (``V.aot_compilation`` on, inference). Prints one JSON object: the graph's call targets, and for
-each kernel launch the kernel's name, whether its grid is symbolic, and its launch options. On a GPU the
-same graph goes on to Inductor, which compiles the kernels; here triton has no driver to find which
-arguments a kernel writes, so torch assumes all (a warning on stderr).
+The ops (``attention_mix`` with a shared and a per-row context, ``softmax_mix`` with top-k and the
+weights, ``experts_mix`` with both gates) run on fake CUDA tensors whose batch size is symbolic, under
+``aot_export_module`` as AOTInductor runs it (``V.aot_compilation`` on, inference). Prints one JSON
+object: the graph's call targets, and for each kernel launch the kernel's name, whether its grid is
+symbolic, and its launch options. On a GPU the same graph goes on to Inductor, which compiles the
+kernels; here triton has no driver to find which arguments a kernel writes, so torch assumes all (a
+warning on stderr).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Ops(nn.Module):
     def forward(self, h: Tensor, context: Tensor, logits: Tensor, mask: Tensor, x: Tensor, w: Tensor, b: Tensor):
         return (
             fg.attention_mix(h, context, mask=mask),
+            fg.attention_mix(h, logits @ h),  # per-row queries [B, T, D], as the input-query gate gives
             *fg.softmax_mix(logits, h, top_k=2, return_weights=True),
             fg.experts_mix(x, w, b, context=context),
             fg.experts_mix(x, w, b, gate="softmax", logits=logits, top_k=2),

@@ -1,17 +1,17 @@
 """Exported and AOTInductor-compiled models run where fused_gate is not installed.
 
-Every served model (``served_models``: MMoE and PLE with both gates, in training and eval mode, the eval
-ones exported under ``torch.no_grad()`` so that they take the one-kernel ``experts_mix`` path where the
-kernels run; the swapped torch-rechub and DeepCTR-Torch models; the ops on special values) is one
-entry of a :class:`Served` module, exported once with a dynamic batch size. On a CPU the exported
-graph holds ATen ops only. The program is saved (``torch.export.save``) and a few of its models
-(``PACKAGED``: both gates, training and eval, the one-kernel path, a swapped model, the special values)
-are compiled into one AOTInductor package, the only C++ compilation of the file (about 45 s with
-Inductor's caches off on 2 cores at a load of 5 to 7; the whole file takes about 130 s there). The same few
-models are exported as on CUDA (``export_keeping_ops``: the program keeps the fused ops), retraced
-within ``fused_gate.export_as_reference`` and saved. ``tests/serving_child.py`` loads the package and
-both programs in a Python that cannot import fused_gate and runs them at two batch sizes; every output
-equals eager mode's.
+Every served model (``served_models``: MMoE and PLE with every gate kind, in training and eval mode, the
+eval ones exported under ``torch.no_grad()`` so that they take the one-kernel ``experts_mix`` path where
+the kernels run; the swapped torch-rechub and DeepCTR-Torch models; the ops on special values) is one
+entry of a :class:`Served` module, exported once with a dynamic batch size. On a CPU the exported graph
+holds ATen ops only. The program is saved (``torch.export.save``) and a few of its models (``PACKAGED``:
+every gate kind, training and eval, the one-kernel path, a swapped model, the special values) are
+compiled into one AOTInductor package, the only C++ compilation of the file (about 45 s with Inductor's
+caches off on 2 cores at a load of 5 to 7; the whole file takes about 185 s at a load of 7.5). The same few models
+are exported as on CUDA (``export_keeping_ops``: the program keeps the fused ops), retraced within
+``fused_gate.export_as_reference`` and saved. ``tests/serving_child.py`` loads the package and both
+programs in a Python that cannot import fused_gate and runs them at two batch sizes; every output equals
+eager mode's.
 
 On a GPU, ``test_gpu_package_runs_without_fused_gate`` builds the same package from CUDA models: the
 exported program keeps the fused ops (one node each, the kernels' path), AOTInductor compiles their
@@ -36,13 +36,19 @@ from torch import Tensor, nn
 import fused_gate as fg
 import fused_gate.dispatch
 from bench.swap_models import MODELS
-from fused_gate._validation import GATES
+from fused_gate.layers import LAYER_GATES
 
 from .conftest import assert_matches
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (6, 9)  # exported at the first; the package and the program run at both
-PACKAGED = ("mmoe_attention_eval", "mmoe_softmax_train", "rechub_mmoe_eval", "special_values")
+PACKAGED = (
+    "mmoe_attention_eval",
+    "mmoe_softmax_train",
+    "ple_attention_input_query_eval",
+    "rechub_mmoe_eval",
+    "special_values",
+)
 # The swapped library models and their mode; their dropout is turned off so that training mode is deterministic.
 # find_spec, not an import: importing deepctr_torch outside bench.swap_models.import_offline would query PyPI.
 LIBRARIES = all(importlib.util.find_spec(library) for library in ("torch_rechub", "deepctr_torch"))
@@ -108,12 +114,12 @@ def _layer(kind: str, gate: str, train: bool) -> nn.Module:
 
 
 def served_models(device: str) -> dict[str, nn.Module]:
-    """MMoE and PLE with both gates in training and eval mode, the swapped library models (``SWAPPED``, where
+    """MMoE and PLE with every gate kind in training and eval mode, the swapped library models (``SWAPPED``, where
     the integrations extra is installed) and :class:`SpecialValues`, on ``device``."""
     torch.manual_seed(0)
     models = {}
     for kind in ("mmoe", "ple"):
-        for gate in GATES:
+        for gate in LAYER_GATES:
             for train in (False, True):
                 models[f"{kind}_{gate}_{'train' if train else 'eval'}"] = _layer(kind, gate, train)
     for name, train in SWAPPED.items():
@@ -320,7 +326,7 @@ def test_aot_compilation_records_the_kernel_launches():
     assert done.returncode == 0, done.stderr[-5000:]
     report = json.loads(done.stdout.splitlines()[-1])
     assert not [target for target in report["targets"] if "fused_gate" in target], report["targets"]
-    kernels = ["gate_mix_fwd_kernel"] * 2 + ["experts_mix_one_pass_kernel", "experts_mix_two_pass_kernel"]
+    kernels = ["gate_mix_fwd_kernel"] * 3 + ["experts_mix_one_pass_kernel", "experts_mix_two_pass_kernel"]
     assert [launch["kernel"] for launch in report["launches"]] == kernels
     for launch in report["launches"]:
         assert launch["symbolic_grid"] and launch["options"], launch
