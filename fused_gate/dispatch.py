@@ -31,7 +31,6 @@ on CUDA then loads where fused_gate is not installed.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Callable, Iterator
 
@@ -103,7 +102,9 @@ def reference_call(device_tensor: Tensor, *tensors: Tensor | None) -> bool | Non
     return None
 
 
-_AS_REFERENCE = contextvars.ContextVar("export_as_reference", default=False)
+# Whether export_as_reference is active: a module global, which torch.export's Dynamo front end (strict
+# mode) reads as a constant, where a ContextVar would break its graph.
+_as_reference = False
 
 
 @contextlib.contextmanager
@@ -114,11 +115,12 @@ def export_as_reference() -> Iterator[None]:
     saves (``torch.export.save``) as one that loads and runs where fused_gate is not installed, on
     PyTorch's own kernels: ``with export_as_reference(): portable = program.run_decompositions()``.
     """
-    token = _AS_REFERENCE.set(True)
+    global _as_reference
+    outer, _as_reference = _as_reference, True
     try:
         yield
     finally:
-        _AS_REFERENCE.reset(token)
+        _as_reference = outer
 
 
 def _device_tensor(args: tuple) -> Tensor:
@@ -142,7 +144,7 @@ class FusedOp:
         self.op, self.reference = op, reference
 
     def __call__(self, *args):
-        if torch.compiler.is_exporting() and (_AS_REFERENCE.get() or not compiled_kernels(_device_tensor(args))):
+        if torch.compiler.is_exporting() and (_as_reference or not compiled_kernels(_device_tensor(args))):
             return self.reference(*args)
         return self.op(*args)
 
@@ -166,7 +168,7 @@ def _functional_rule(run: Callable, reference: Callable) -> Callable:
     ``torch.export``) the op stays one node."""
 
     def rule(mode, op, types, args, kwargs):
-        if _AS_REFERENCE.get():
+        if _as_reference:
             with mode:
                 return reference(*args, **kwargs)
         if not (_aot_compiling() and compiled_kernels(_device_tensor(args))):

@@ -282,16 +282,17 @@ def test_program_keeping_the_ops_runs_without_fused_gate_as_reference(served):
         assert_outputs_match(got, {name: served["want"][batch][name] for name in got}, f"portable B={batch}")
 
 
-def test_export_as_reference_traces_the_reference():
-    """Within ``export_as_reference``, ``torch.export`` traces the reference where it would keep the op; after
-    it, the op again."""
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_as_reference_traces_the_reference(strict):
+    """Within ``export_as_reference``, ``torch.export`` (its Dynamo front end too: ``strict=True``) traces the
+    reference where it would keep the op; after it, the op again."""
     model = fg.MMoE(10, 4, 8, 2, gate="softmax", tower_hidden=4).eval()
     x = torch.randn(5, 10)
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         patch.setattr(fused_gate.dispatch, "compiled_kernels", lambda x: True)
         with fg.export_as_reference():
-            program = torch.export.export(model, (x,))
-        assert fused_targets(torch.export.export(model, (x,)))
+            program = torch.export.export(model, (x,), strict=strict)
+        assert fused_targets(torch.export.export(model, (x,), strict=strict))
         torch.testing.assert_close(program.module()(x), model(x))
     assert not foreign_targets(program)
 
