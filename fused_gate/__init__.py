@@ -12,7 +12,7 @@ kernels: they load at the first op call (``fused_gate/dispatch.py``).
 """
 
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
-from fused_gate.dispatch import uses_kernels
+from fused_gate.dispatch import export_as_reference, uses_kernels
 from fused_gate.fused_experts import experts_mix
 from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
@@ -29,6 +29,7 @@ __all__ = [
     "SoftmaxGate",
     "attention_mix",
     "experts_mix",
+    "export_as_reference",
     "reference",
     "softmax_mix",
     "swap_in",
