@@ -20,7 +20,7 @@ import importlib
 import torch
 
 from bench.swap_in_step import step_table
-from bench.swap_models import MODELS
+from tests.library_models import MODELS
 
 
 def _converted(name: str, model: torch.nn.Module) -> torch.nn.Module:

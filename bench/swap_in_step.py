@@ -26,11 +26,11 @@ import torch
 
 import fused_gate
 from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
-from bench.swap_models import MODELS, inputs_to
 from fused_gate._validation import MAX_TASKS
 from fused_gate.apps.arguments import comma_list, integer, integer_list, real, widths
 from fused_gate.apps.arguments import device as device_name
 from fused_gate.kernels import INTERPRETED
+from tests.library_models import MODELS, inputs_to
 
 PLE_SHARED = 2  # shared experts per PLE level; the rest are split over the tasks
 
