@@ -40,8 +40,8 @@ from bench.cases import DTYPES, EAGER
 from bench.interpreter import use_interpreter
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for
+from fused_gate._validation import GATES
 from fused_gate.apps.arguments import comma_list, integer
-from fused_gate.layers import GATES
 
 IMPLS = ("one-kernel", "two-step", "eager", "compile")
 
