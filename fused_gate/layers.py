@@ -167,7 +167,8 @@ class MMoE(nn.Module):
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or out of range, named in the message;
-            ``num_experts`` is at most 256 and ``num_tasks`` at most 16 (the kernels' limits).
+            ``num_experts`` is at most 256 and ``num_tasks`` at most 16 (the kernels' limits). A keyword
+            beside its group's dataclass, or a keyword of no group, is a ``TypeError`` naming it.
     """
 
     def __init__(

@@ -95,8 +95,8 @@ class GateOptions:
         validate_flag("gate_batch_norm", self.gate_batch_norm)
         takes, why = _GATE_KINDS[self.gate]
         rejected = [name for name in LOGIT_OPTIONS if name not in takes]
-        defaults = GateOptions.__dataclass_fields__
-        if any(getattr(self, name) != defaults[name].default for name in rejected):
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        if any(getattr(self, name) != defaults[name] for name in rejected):
             names = ", ".join(rejected[:-1]) + " and " + rejected[-1] if len(rejected) > 1 else rejected[0]
             raise ValueError(f"{names} configure the softmax gate's logits; {why}")
 
