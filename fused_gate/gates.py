@@ -135,7 +135,7 @@ class AttentionMix(nn.Module):
 
     def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
         """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
-        (:func:`fused_gate.experts_mix`; inference only).
+        (:func:`fused_gate.experts_mix`; differentiable, its backward recomputes them too).
 
         Args:
             x: the layer's input (not read: the attention gate scores the experts' outputs).
@@ -250,7 +250,7 @@ class SoftmaxGate(nn.Module):
 
     def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
         """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
-        (:func:`fused_gate.experts_mix`; inference only).
+        (:func:`fused_gate.experts_mix`; differentiable, its backward recomputes them too).
 
         Args:
             x: the gates' input, as in :meth:`forward` (the logits come from it).
