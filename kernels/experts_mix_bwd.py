@@ -111,6 +111,24 @@ def _mix_dots(y, g, at):
 
 
 @triton.jit
+def _weighted_grads(weights, dp, gp, at, HAS_DP: tl.constexpr, HAS_GRAD_P: tl.constexpr):
+    """``delta = sum_e p[:, :, e] (dp[:, :, e] + Gp[:, :, e])`` over the experts with ``p != 0`` as ``[ROWS, BLOCK_T]``,
+    from the scratch ``dp`` (``HAS_DP``) and ``Gp`` (``HAS_GRAD_P``): one expert's column at a time, so that no
+    ``[ROWS, BLOCK_T, BLOCK_E]`` tile is ever live."""
+    rows, offs_t, _, _, _, _, E, _ = at
+    delta = tl.zeros([rows.shape[0], offs_t.shape[0]], dtype=tl.float32)
+    for e in range(0, E):
+        dp_e = tl.zeros([rows.shape[0], offs_t.shape[0]], dtype=tl.float32)
+        if HAS_DP:
+            dp_e += _load_expert_column(dp, e, at)
+        if HAS_GRAD_P:
+            dp_e += _load_expert_column(gp, e, at)
+        p_e = _load_expert_column(weights, e, at)
+        delta += tl.where(p_e != 0.0, p_e * dp_e, 0.0)
+    return delta
+
+
+@triton.jit
 def _add_row_sums(dc, ds_e, h, at):
     """``dc[t, :] += sum_rows ds_e[:, t] * h`` for every task (``dc [BLOCK_T, BLOCK_D]``, ``h [ROWS, BLOCK_D]``):
     one task at a time, so no ``[ROWS, BLOCK_T, BLOCK_D]`` product is ever live."""
@@ -231,8 +249,7 @@ def experts_mix_bwd_kernel(
             if SINGLE_CHUNK:
                 delta = _mix_dots((y_ptr, stride_yb, stride_yt, stride_yd), g, at)
                 if HAS_GRAD_P:
-                    p = load_gate_tile(weights, at)
-                    delta += tl.sum(tl.where(p != 0.0, p * load_gate_tile(gp, at), 0.0), axis=2)
+                    delta += _weighted_grads(weights, dp, gp, at, False, True)
             else:
                 for d0 in range(0, D, BLOCK_D):
                     col = tl.cast(d0, tl.int64)
@@ -240,12 +257,8 @@ def experts_mix_bwd_kernel(
                     for e in range(0, E):
                         h = expert_chunk(layer, e, col, chunk_at, K, LAYER)
                         _accumulate_column(dp, e, _task_dots(h, column(g, col), chunk_at), d0 > 0, chunk_at)
-                tl.debug_barrier()  # the scratch is read below in another layout than it was written in
-                p = load_gate_tile(weights, at)
-                dp_all = load_gate_tile(dp, at)
-                if HAS_GRAD_P:
-                    dp_all += load_gate_tile(gp, at)
-                delta = tl.sum(tl.where(p != 0.0, p * dp_all, 0.0), axis=2)
+                tl.debug_barrier()  # every chunk's sum is in the scratch before it is read
+                delta = _weighted_grads(weights, dp, gp, at, True, HAS_GRAD_P)
 
         # stage 2: per D chunk and expert, pre and H recomputed; dH and dpre; dC accumulated over the experts
         first_block = block == pid
