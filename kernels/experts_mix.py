@@ -1,4 +1,4 @@
-"""The experts' last layer and the gate in one kernel (inference): ``H`` is never written.
+"""The experts' last layer and the gate in one kernel: ``H`` is never written (backward: ``experts_mix_bwd.py``).
 
 For every row ``b``, expert ``e`` and task ``t`` (``X [B, K]`` or ``[B, E, K]``, ``W [E, K, D]``,
 ``bias [E, D]``, ``Y [B, T, D]``)::
