@@ -726,7 +726,12 @@ def experts_mix_function(
 ) -> tuple[Tensor, Tensor]:
     """``(Y, p)`` of validated arguments, differentiable (``p`` in the compute dtype): :func:`experts_output`
     (torch's autograd), then :func:`attention_mix_function` or :func:`softmax_mix_function`, the two-step
-    path's formulation, so its gradients are the two-step path's."""
+    path's formulation, so its gradients are the two-step path's.
+
+    Args:
+        x, weight, bias, cz, scale, mask, top_k, gate, activation: as in :func:`experts_mix_forward`.
+        first_order: a second backward raises, as through the fused ops (see :func:`attention_mix_function`).
+    """
     h = experts_output(x, weight, bias, activation)
     if gate == "attention":
         y, p = attention_mix_function(h, cz, scale, mask, top_k, first_order=first_order)
