@@ -18,8 +18,7 @@ machine's job); ``--occupancy`` the bench's full grid as the bench runs it (no o
 ``bench/occupancy.py``. ``experts_mix_cases`` (checked too, and compiled by every run but
 ``--occupancy``): the one-kernel experts + gate at the bench's MMoE shapes and the extremes of its range,
 both gates, sm_80 and sm_90, with every option on, and with a per-row context, one input per expert
-and float32 operands; and in training, the forward that keeps float32 weights and the backward kernel (with
-``dL/dp`` and a shared context, and in the other layouts).
+and float32 operands; and the backward kernel (with ``dL/dp`` and a shared context, and in the other layouts).
 """
 
 from __future__ import annotations
@@ -110,8 +109,9 @@ def ci_cases() -> list[tuple]:
 
 def experts_mix_cases() -> list[tuple]:
     """(EXPERTS_MIX, capability, E, K, D, T, attention, options) of the experts_mix kernels: the forward, and
-    with ``"training"`` the forward that keeps float32 weights and the backward (GELU, whose derivative takes the
-    most registers), with ``dL/dp`` (``"weights"``) and a shared context, or in the other layouts."""
+    with ``"training"`` the backward (GELU, whose derivative takes the most registers; the forward it follows
+    is the one of ``"weights"``, its weights stored in float32), with ``dL/dp`` (``"weights"``) and a shared
+    context, or in the other layouts."""
 
     def options(attention: bool) -> list[tuple[str, ...]]:
         layouts = ("per_row_context",) * attention + ("per_expert_input", "float32")
@@ -217,14 +217,10 @@ def planned_experts_mix(
             x, weight, bias, cz, mask, 0.125, top_k, gate=gate, activation="relu", return_weights="weights" in options
         )
         return list(plan.launches)
-    forward = plan_experts_mix(
-        x, weight, bias, cz, None, 0.125, None, gate=gate, activation="gelu", return_weights=True,
-        weights_dtype=torch.float32,
-    )  # fmt: skip
-    y, p = forward.outputs
+    y, p = torch.empty(BATCH, tasks, dim, dtype=dt), torch.empty(BATCH, tasks, experts)  # the forward's Y, float32 p
     grad_p = torch.empty(BATCH, tasks, experts) if "weights" in options else None
     backward = plan_experts_mix_backward(y, grad_p, x, weight, bias, cz, p, y, 0.125, gate=gate, activation="gelu")
-    return [*forward.launches, *backward.launches]
+    return list(backward.launches)
 
 
 def compile_record(launch, capability: int, case: list) -> dict:
