@@ -12,8 +12,8 @@ each (``--steps 1``, ``--steps 2``, ``--steps 3-6``), each packing its own files
 3. the tuning sweep of both ops (``python -m bench.tune``);
 4. the memory-traffic table of the same shapes, and of experts_mix (``python -m bench.traffic``,
    interpreted);
-5. MMoE inference, the experts' last layer + gate in one kernel against the two-step path, eager and
-   torch.compile (``python -m bench.experts_mix``, bf16).
+5. MMoE's experts' last layer + gate in one kernel against the two-step path, eager and torch.compile, in
+   inference and in a training step (``python -m bench.experts_mix``, bf16: GB/s, time ratios, peak memory).
 
 Everything lands in a results folder (``bench/results/<date>_<device>/``, logs included); OUTDIR
 (default ``gpu-campaign/``) receives at most six files: ``results.tar.gz`` (the whole folder),
@@ -76,7 +76,7 @@ def steps(results: Path, dry_run: bool) -> list[Step]:
         Step("tuning sweep attention_mix", tune[0], 90),
         Step("tuning sweep softmax_mix", tune[1], 90),
         Step("memory traffic", traffic, 90, interpret=True),
-        Step("bench experts_mix, MMoE inference, bf16", experts, 180),
+        Step("bench experts_mix, MMoE inference and training step, bf16", experts, 210),
     ]
 
 

@@ -1,24 +1,30 @@
-"""MMoE inference, the experts' last layer and the gate: four implementations timed on the same inputs.
+"""MMoE's experts' last layer and gate, in inference and in a training step: four implementations timed.
 
     python -m bench.experts_mix [--shapes mmoe|smoke] [--gates softmax,attention] [--dtype bf16]
-                                [--impls one-kernel,two-step,eager,compile] [--rounds N] [--out DIR]
+                                [--impls one-kernel,two-step,eager,compile] [--passes inference,training]
+                                [--rounds N] [--out DIR]
 
-Each case is an MMoE layer's inference forward ``Y = gate(relu(X W_e + b_e))`` at one shape
-``(B, K, E, D, T)`` (``K`` the input width, ``D`` the experts' width), under ``torch.no_grad()``:
+Each case is an MMoE layer's ``Y = gate(relu(X W_e + b_e))`` at one shape ``(B, K, E, D, T)`` (``K`` the
+input width, ``D`` the experts' width): its forward under ``torch.no_grad()`` (``inference``), or its forward
+and the backward of ``<G, Y>`` for ``X``, ``W``, ``b`` and ``C`` or ``Z`` (``training``, at the shapes of
+:data:`STEP_SHAPES`: each compiles a backward too):
 
-- ``one-kernel``: ``fused_gate.experts_mix`` (``H`` is never written);
+- ``one-kernel``: ``fused_gate.experts_mix`` (``H`` is never written; in training its backward kernel
+  recomputes ``H`` and writes ``dL/dpre`` for cuBLAS's ``dW`` and ``dX``);
 - ``two-step``: the experts as one batched matmul (``einsum`` + bias + ReLU, ``H [B, E, D]`` in
-  memory), then the fused gate ``fused_gate.attention_mix`` / ``softmax_mix`` on it;
+  memory, kept by autograd in training), then the fused gate ``fused_gate.attention_mix`` / ``softmax_mix``;
 - ``eager``: the whole layer as eager PyTorch code writes it (the gate as in ``bench/cases.py``);
 - ``compile``: that eager layer under ``torch.compile`` (default mode).
 
 The softmax gate's logits ``Z [B, T, E]`` are an input of every implementation (the gate's own Linear
-runs outside). ``GB/s`` is the one kernel's byte floor ``|X| + |W| + |b| + |C or Z| + |Y|`` over each
-implementation's median time, so GB/s compare as speeds do; ``ratio`` is an implementation's time over
-the one kernel's. ``two-step`` also moves ``2 |H|`` (written, then read back), a column of the table.
-Output: ``experts_mix_<dtype>.md`` and ``.json`` in DIR (default ``bench/results/<date>_<device>/``),
-the Markdown printed too. Without a GPU the kernels run through the Triton interpreter: a smoke
-check of the command, whose times mean nothing (the table says so).
+runs outside). ``GB/s`` is the one kernel's byte floor over each implementation's median time, so GB/s
+compare as speeds do: in inference ``|X| + |W| + |b| + |C or Z| + |Y|``; in training that, plus the
+backward's ``|G| + |X| + |W| + |b| + |C or Z|`` read and ``|dX| + |dW| + |db| + |dC or dZ|`` written. ``ratio``
+is an implementation's time over the one kernel's; ``peak MB`` the device memory a call allocates above
+its inputs (CUDA only). ``two-step`` also moves ``2 |H|`` in inference (written, then read back), a column
+of the table. Output: ``experts_mix_<dtype>.md`` and ``.json`` in DIR (default
+``bench/results/<date>_<device>/``), the Markdown printed too. Without a GPU the kernels run through the
+Triton interpreter: a smoke check of the command, whose times mean nothing (the table says so).
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ import fused_gate as fg
 from bench.cases import DTYPES, EAGER
 from bench.interpreter import use_interpreter
 from bench.report import results_dir
-from bench.timing import ON_CUDA, device_clock, device_label, iterations_for
+from bench.timing import ON_CUDA, device_clock, device_label, iterations_for, peak_memory_bytes
 from fused_gate._validation import GATES
 from fused_gate.apps.arguments import comma_list, integer
 
 IMPLS = ("one-kernel", "two-step", "eager", "compile")
+PASSES = ("inference", "training")
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,18 @@ SHAPES: dict[str, list[MMoEShape]] = {
     # CPU smoke check through the interpreter: proves the command works, times nothing.
     "smoke": [MMoEShape(32, 16, 3, 8, 2)],
 }
+# The training step's shapes: the MMoE of (8, 2, 256) at the largest batch (each case compiles a backward too,
+# within the GPU campaign's time limit), the shape of docs/experts_mix.md's memory table.
+STEP_SHAPES: dict[str, list[MMoEShape]] = {"mmoe": [SHAPES["mmoe"][1]], "smoke": SHAPES["smoke"]}
 
 
-def floor_bytes(gate: str, shape: MMoEShape, dtype: torch.dtype) -> int:
-    """Bytes the one kernel must move at the least: ``|X| + |W| + |b| + |C or Z| + |Y|``."""
+def floor_bytes(gate: str, shape: MMoEShape, dtype: torch.dtype, training: bool = False) -> int:
+    """Bytes the one kernel must move at the least: ``|X| + |W| + |b| + |C or Z| + |Y|``; with ``training`` also
+    the backward's, which reads ``G`` (``|Y|``) and the inputs again and writes a gradient of each input."""
     B, K, E, D, T = shape.B, shape.K, shape.E, shape.D, shape.T
     scores = T * D if gate == "attention" else B * T * E
-    return (B * K + E * K * D + E * D + scores + B * T * D) * dtype.itemsize
+    inputs = B * K + E * K * D + E * D + scores
+    return ((3 if training else 1) * inputs + (2 if training else 1) * B * T * D) * dtype.itemsize
 
 
 def expert_bytes(shape: MMoEShape, dtype: torch.dtype) -> int:
@@ -127,6 +139,16 @@ def layer_function(gate: str, impl: str) -> Callable[..., Tensor]:
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
+def training_step(fn: Callable[..., Tensor], inputs: dict[str, Tensor], grad: Tensor) -> Callable[[], object]:
+    """One forward of ``fn`` and the backward of ``<grad, Y>`` for every input (no ``.grad`` accumulated)."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+
+    def call() -> tuple[Tensor, ...]:
+        return torch.autograd.grad(fn(**leaves), list(leaves.values()), grad)
+
+    return call
+
+
 @dataclass
 class Measurement:
     gate: str
@@ -136,6 +158,8 @@ class Measurement:
     seconds: float
     floor_bytes: int
     h_bytes: int
+    pass_: str = "inference"
+    peak_bytes: int | None = None
 
     @property
     def gbps(self) -> float:
@@ -156,44 +180,71 @@ def median_seconds(call: Callable[[], object], rounds: int, round_s: float = 0.0
     return statistics.median(times)
 
 
-def measure(gate: str, impl: str, shape: MMoEShape, dtype: str, rounds: int) -> Measurement:
+def measure(gate: str, impl: str, shape: MMoEShape, dtype: str, rounds: int, pass_: str = "inference") -> Measurement:
     torch_dtype = DTYPES[dtype]
     inputs = make_inputs(gate, shape, torch_dtype, "cuda" if ON_CUDA else "cpu")
     fn = layer_function(gate, impl)
+    training = pass_ == "training"
+    if training:
+        gen = torch.Generator(device=inputs["x"].device).manual_seed(1)
+        grad = torch.randn(shape.B, shape.T, shape.D, generator=gen, device=inputs["x"].device).to(torch_dtype)
+        call = training_step(fn, inputs, grad)
+    else:
 
-    def call() -> Tensor:
-        with torch.no_grad():
-            return fn(**inputs)
+        def call() -> Tensor:
+            with torch.no_grad():
+                return fn(**inputs)
 
     seconds = median_seconds(call, rounds)
     return Measurement(
-        gate, impl, dtype, shape, seconds, floor_bytes(gate, shape, torch_dtype), expert_bytes(shape, torch_dtype)
-    )
+        gate, impl, dtype, shape, seconds, floor_bytes(gate, shape, torch_dtype, training),
+        expert_bytes(shape, torch_dtype), pass_, peak_memory_bytes(call),
+    )  # fmt: skip
 
 
-def markdown(results: list[Measurement], command: str) -> str:
-    impls = [i for i in IMPLS if any(r.impl == i for r in results)]
-    head = ["gate", "shape", "floor MB", "two-step's extra 2 x H MB"]
+def _table(results: list[Measurement], impls: list[str]) -> list[str]:
+    """One pass's rows: GB/s, time ratios over the one kernel, peak memory."""
+    head = ["gate", "shape", "floor MB", "two-step's extra 2 x H MB" if results[0].pass_ == "inference" else "H MB"]
     head += [f"{i} GB/s" for i in impls] + [f"{i} / one-kernel time" for i in impls if i != "one-kernel"]
-    stamp = f"`{command}`, {datetime.date.today()}, {device_label()}, torch {torch.__version__}"
-    lines = [f"# MMoE inference: experts' last layer + gate, {results[0].dtype}", "", stamp, ""]
-    if not ON_CUDA:
-        lines += ["**CPU smoke run through the Triton interpreter: these times are not kernel speeds.**", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    head += [f"{i} peak MB" for i in impls]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     groups: dict[tuple, dict[str, Measurement]] = {}
     for r in results:
         groups.setdefault((r.gate, r.shape), {})[r.impl] = r
     for (gate, shape), by_impl in groups.items():
         first = next(iter(by_impl.values()))
-        cells = [gate, shape.id, f"{first.floor_bytes / 1e6:.4g}", f"{2 * first.h_bytes / 1e6:.4g}"]
+        h = (2 if first.pass_ == "inference" else 1) * first.h_bytes
+        cells = [gate, shape.id, f"{first.floor_bytes / 1e6:.4g}", f"{h / 1e6:.4g}"]
         cells += [f"{by_impl[i].gbps:.4g}" if i in by_impl else "-" for i in impls]
         one = by_impl.get("one-kernel")
         for i in impls:
             if i != "one-kernel":
                 ok = one is not None and i in by_impl
                 cells.append(f"{by_impl[i].seconds / one.seconds:.2f}" if ok else "-")
+        for i in impls:
+            peak = by_impl[i].peak_bytes if i in by_impl else None
+            cells.append("-" if peak is None else f"{peak / 1e6:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+TITLES = {
+    "inference": "MMoE inference: experts' last layer + gate",
+    "training": "MMoE training step: experts' last layer + gate, forward and backward",
+}
+
+
+def markdown(results: list[Measurement], command: str) -> str:
+    impls = [i for i in IMPLS if any(r.impl == i for r in results)]
+    stamp = f"`{command}`, {datetime.date.today()}, {device_label()}, torch {torch.__version__}"
+    lines = [f"# MMoE's experts' last layer + gate, {results[0].dtype}", "", stamp, ""]
+    if not ON_CUDA:
+        lines += ["**CPU smoke run through the Triton interpreter: these times are not kernel speeds.**", ""]
+    for pass_ in PASSES:
+        rows = [r for r in results if r.pass_ == pass_]
+        if rows:
+            lines += [f"## {TITLES[pass_]}", "", *_table(rows, impls), ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -204,18 +255,22 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--gates", type=comma_list(GATES), default=list(GATES), help="comma list of " + ",".join(GATES))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if ON_CUDA else "fp32")
     parser.add_argument("--impls", type=comma_list(IMPLS), default=list(IMPLS), help="comma list of " + ",".join(IMPLS))
+    parser.add_argument(
+        "--passes", type=comma_list(PASSES), default=list(PASSES), help="comma list of " + ",".join(PASSES)
+    )
     parser.add_argument("--rounds", type=integer(1), default=10 if ON_CUDA else 1, help="timed rounds per case")
     parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<date>_<device>/)")
     args = parser.parse_args(argv)
     results = []
-    for gate in args.gates:
-        for shape in SHAPES[args.shapes]:
-            for impl in args.impls:
-                try:
-                    results.append(measure(gate, impl, shape, args.dtype, args.rounds))
-                except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    print(f"{impl} {gate} {shape.id}: out of device memory, skipped", file=sys.stderr)
+    for pass_ in args.passes:
+        for gate in args.gates:
+            for shape in (SHAPES if pass_ == "inference" else STEP_SHAPES)[args.shapes]:
+                for impl in args.impls:
+                    try:
+                        results.append(measure(gate, impl, shape, args.dtype, args.rounds, pass_))
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        print(f"{pass_} {impl} {gate} {shape.id}: out of device memory, skipped", file=sys.stderr)
     out = args.out or results_dir(device_label(), datetime.datetime.now(datetime.timezone.utc).isoformat())
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"experts_mix_{args.dtype}"

@@ -13,6 +13,8 @@ launch is recorded as a :class:`LaunchTraffic`:
   named by the kernel's own parameter names (arguments sharing storage are named together).
 
 Nothing here knows the kernels: any ``@triton.jit`` function launched through the interpreter is counted.
+:class:`count_op_floors` records the other torch ops of a block (matmuls, activations, copies) at their floor:
+the bytes of their inputs and outputs, each read or written once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -202,3 +207,78 @@ class count_traffic:
 
 class _LaunchPlanned(Exception):
     """Raised inside a launch that ``count_traffic(execute=False)`` only plans."""
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """The distinct bytes a tensor addresses: its elements, a broadcast (stride 0) axis counted once."""
+    return math.prod(n for n, s in zip(t.shape, t.stride(), strict=True) if s != 0) * t.element_size()
+
+
+@dataclass
+class OpTraffic:
+    """One torch op outside the Triton kernels: its floor, the bytes of its tensor inputs read once and of its
+    outputs written once (an in-place op's tensor counted both ways; a view moves nothing)."""
+
+    op: str
+    read: int
+    written: int
+
+    @property
+    def total(self) -> int:
+        return self.read + self.written
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor once: the same storage, offset, shape and strides is the same data."""
+    seen, out = set(), []
+    for t in tensors:
+        key = (StorageWeakRef(t.untyped_storage()), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+class count_op_floors(TorchDispatchMode):
+    """Record every torch op in the block that is not one of ``skip``'s namespaces (whose Triton kernels
+    :class:`count_traffic` counts) as an :class:`OpTraffic`: ``with count_op_floors() as ops: ...``.
+
+    A floor, not a measurement: cuBLAS and torch's kernels move at least these bytes (a matmul reads its
+    operands and writes its result once at best). Views, allocations (``empty``) and metadata ops move nothing.
+    """
+
+    def __init__(self, skip: tuple[str, ...] = ("fused_gate",)):
+        super().__init__()
+        self.skip = skip
+        self.ops: list[OpTraffic] = []
+
+    def __enter__(self) -> list[OpTraffic]:
+        super().__enter__()
+        return self.ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace in self.skip or func.overloadpacket in _ALLOCATIONS:
+            return out
+        inputs, outputs = _distinct(_tensors((args, kwargs))), _distinct(_tensors(out))
+        in_storages = {StorageWeakRef(t.untyped_storage()) for t in inputs}
+        mutable = func._schema.is_mutable
+        if not mutable and all(StorageWeakRef(t.untyped_storage()) in in_storages for t in outputs):
+            return out  # a view (or an alias) of its input
+        written = sum(tensor_bytes(t) for t in outputs)
+        # A fill writes without reading; an in-place op reads the tensor it writes.
+        read = 0 if func.overloadpacket in _FILLS else sum(tensor_bytes(t) for t in inputs)
+        self.ops.append(OpTraffic(str(func), read, written))
+        return out
+
+
+aten = torch.ops.aten
+_ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
+_FILLS = {
+    *(aten.zeros, aten.zeros_like, aten.new_zeros, aten.zero_),
+    *(aten.ones, aten.ones_like, aten.new_ones, aten.full, aten.full_like, aten.new_full, aten.fill_),
+}

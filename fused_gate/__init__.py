@@ -2,8 +2,9 @@
 
 ``attention_mix`` (attention gate: learned per-task context vectors as queries over the expert
 outputs) and ``softmax_mix`` (classic MMoE/PLE gate) compute scores, the masked softmax over experts
-and the weighted sum of expert outputs in one pass, forward and backward; ``experts_mix`` (inference)
-also computes the experts' last layer in the same kernel, so their outputs are never written.
+and the weighted sum of expert outputs in one pass, forward and backward; ``experts_mix``
+also computes the experts' last layer in the same kernel, so their outputs are never written (its
+backward recomputes them).
 ``fused_gate.reference`` holds the plain-PyTorch reference of each op (the tests' oracle and the CPU
 fallback).
 

@@ -136,7 +136,7 @@ class AttentionMix(nn.Module):
 
     def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
         """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
-        (:func:`fused_gate.experts_mix`; inference only).
+        (:func:`fused_gate.experts_mix`; differentiable, its backward recomputes them too).
 
         Args:
             x: the layer's input (not read: the attention gate scores the experts' outputs).
@@ -239,7 +239,7 @@ class InputQueryAttentionMix(nn.Module):
 
     def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
         """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
-        (:func:`fused_gate.experts_mix` with a per-row context; inference only).
+        (:func:`fused_gate.experts_mix` with a per-row context; differentiable, its backward recomputes them too).
 
         Args:
             x: the gates' input, as in :meth:`forward` (the queries come from it).
@@ -351,7 +351,7 @@ class SoftmaxGate(nn.Module):
 
     def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
         """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
-        (:func:`fused_gate.experts_mix`; inference only).
+        (:func:`fused_gate.experts_mix`; differentiable, its backward recomputes them too).
 
         Args:
             x: the gates' input, as in :meth:`forward` (the logits come from it).

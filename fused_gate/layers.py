@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_gate._hooks import forward_hooked
+from fused_gate._hooks import backward_hooked, forward_hooked
 from fused_gate._validation import (
     MAX_EXPERTS,
     MAX_TASKS,
@@ -103,27 +103,28 @@ def _make_towers(options: TowerOptions, experts: ExpertOptions, num_tasks: int, 
 
 
 def _one_kernel_applies(experts: Experts, gate: Gate, x: Tensor) -> bool:
-    """Whether :func:`fused_gate.experts_mix` can serve this call: inference (eval mode, no autograd), a last
-    expert layer without BatchNorm, the kernels' device, one dtype (no autocast), a gate tile it holds, and
-    no forward hook or pre-hook on the modules it does not call (the experts, their last layer, the gate)
-    nor on every module."""
+    """Whether :func:`fused_gate.experts_mix` can serve this call, in inference or training: a last expert layer
+    that is a Linear + activation (no BatchNorm, no dropout in training), the kernels' device, one dtype (no
+    autocast), a gate tile it holds, and no hook on the modules it does not call (the experts, their last
+    layer, the gate) nor on every module: no forward hook or pre-hook, nor a backward one with autograd on."""
     last = experts.layers[-1]
     return (
-        not experts.training
-        and not torch.is_grad_enabled()
-        and last.batch_norm is None
+        last.batch_norm is None
+        and (last.dropout == 0 or not last.training)
         and uses_kernels(x)
         and not torch.is_autocast_enabled(x.device.type)
         and not forward_hooked(experts, last, gate)
+        and not (torch.is_grad_enabled() and backward_hooked(experts, last, gate))
         and x.dtype == last.weight.dtype
         and fits_one_kernel(gate.num_tasks, last.groups)
     )
 
 
 def _gate_mix(gate: Gate, experts: Experts, gate_input: Tensor, expert_input: Tensor, fused_experts: bool) -> Tensor:
-    """``gate.mix(gate_input, experts(expert_input))``; in inference, with ``fused_experts``, the experts' last
-    layer and the gate run as one kernel and the experts' outputs are never written. The last layer's weight
-    is read through the module at every call, so a ``torch.nn.utils.parametrize`` parametrization applies."""
+    """``gate.mix(gate_input, experts(expert_input))``; with ``fused_experts`` the experts' last layer and the
+    gate run as one kernel (and one backward kernel in training) and the experts' outputs are never written.
+    The last layer's weight is read through the module at every call, so a ``torch.nn.utils.parametrize``
+    parametrization applies."""
     if fused_experts and _one_kernel_applies(experts, gate, expert_input):
         return gate.mix_experts(gate_input, experts.last_layer_input(expert_input), experts.layers[-1])
     return gate.mix(gate_input, experts(expert_input))
@@ -156,14 +157,15 @@ class MMoE(nn.Module):
             towers), ``tower_activation``, ``tower_dropout``, ``tower_batch_norm`` (default: the experts')
             and ``tower_bias``.
         options: the keywords of the groups not given as a dataclass.
-        fused_experts: in inference (``eval()`` under ``torch.no_grad()`` or ``torch.inference_mode()``,
-            on the kernels' device), run the experts' last layer and the gate as one kernel,
-            :func:`fused_gate.experts_mix`, which never writes the experts' outputs; it applies when that
-            layer has no BatchNorm, the input has the weights' dtype (no autocast),
-            ``next_power_of_2(T) * next_power_of_2(E) <= 512``, and no forward hook or pre-hook is
-            registered on ``experts``, ``experts.layers[-1]`` or ``gate`` (modules that path does not
-            call; ``torch.nn.utils.prune`` and the hook-based weight and spectral norms are such hooks) nor
-            on every module. ``False`` keeps the two steps. Both paths give the same result.
+        fused_experts: run the experts' last layer and the gate as one kernel,
+            :func:`fused_gate.experts_mix`, which never writes the experts' outputs, in inference and in
+            training (its backward recomputes them: autograd keeps nothing of size ``B * E * D``). It applies
+            on the kernels' device when that layer has no BatchNorm and, in training, no dropout, the input
+            has the weights' dtype (no autocast), ``next_power_of_2(T) * next_power_of_2(E) <= 512``, and no
+            forward hook or pre-hook (nor, with autograd on, a backward hook or pre-hook) is registered on
+            ``experts``, ``experts.layers[-1]`` or ``gate`` (modules that path does not call;
+            ``torch.nn.utils.prune`` and the hook-based weight and spectral norms are such hooks) nor on every
+            module. ``False`` keeps the two steps. Both paths give the same result and gradients.
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or out of range, named in the message;

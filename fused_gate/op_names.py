@@ -22,10 +22,11 @@ import re
 import torch
 
 NAMESPACE = "fused_gate"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # version -> schema_hash() of the operators registered at that version (a new version is added, never edited).
 SCHEMA_HASHES = {
     1: "7ff119503090c38d",
+    2: "3043dfdf678809bd",  # experts_mix takes for_backward; experts_mix_backward
 }
 
 _REGISTERED: list[str] = []

@@ -7,7 +7,8 @@ Math (``B`` rows, ``E`` experts, ``T`` tasks, ``D`` expert width)::
     allowed[b,t,e] = mask[t,e] (or mask[b,t,e]) and s[b,t,e] != -inf, then only the top_k best
     p[b,t,:] = softmax_e(s[b,t,:]) over the allowed experts   (none allowed: p = 0, Y = 0)
     Y[b,t,:] = sum_{e : p[b,t,e] != 0} p[b,t,e] * H[b,e,:]      Y : [B, T, D]
-    experts_mix:    H[b,e,:] = act(X[b,(e)] @ W[e] + bias[e]), rounded to X's dtype, then either gate on H
+    experts_mix:    H[b,e,:] = act(X[b,(e)] @ W[e] + bias[e]), rounded to X's dtype, then either gate on H;
+                    its backward is the two-step path's: the gate's, then the activation's and the matmul's
 
 Special values, the same in the kernels: a ``-inf`` score excludes its expert exactly like the mask;
 ``+inf`` or NaN among a (row, task)'s allowed scores make its whole ``p`` NaN (top-k always keeps a
@@ -47,6 +48,9 @@ __all__ = [
     "attention_mix_backward",
     "attention_mix_forward",
     "experts_mix",
+    "experts_mix_backward",
+    "experts_mix_forward",
+    "experts_mix_function",
     "experts_output",
     "gate_weights",
     "softmax_mix",
@@ -615,12 +619,20 @@ def softmax_mix(
 # ---------------------------------------------------------------------------- experts_mix
 
 
+def _preactivation(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``X @ W + bias`` as ``[B, E, D]`` in ``dtype``, rounded to ``x``'s dtype as the two-step path stores it."""
+    z = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
+    if bias is not None:
+        z = z + bias.to(dtype)
+    return z.to(x.dtype).to(dtype)
+
+
 def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "relu") -> Tensor:
     """The experts' last layer ``H[b,e] = act(X[b,(e)] @ W[e] + bias[e])`` as ``[B, E, D]`` in ``x``'s dtype.
 
     Computed in float32 (float64 if an input is), with ``X @ W + bias`` and ``H`` rounded to ``x``'s dtype
     where the two-step path (a batched matmul, then the activation) stores them: values beyond a half
-    dtype's range become ``+-inf`` before the activation, as they do there.
+    dtype's range become ``+-inf`` before the activation, as they do there. Differentiable.
 
     Args:
         x: ``[B, K]`` (every expert reads the same input) or ``[B, E, K]`` (one input per expert).
@@ -628,11 +640,104 @@ def experts_output(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         bias: ``[E, D]`` or None.
         activation: a name of :data:`fused_gate.activations.ACTIVATIONS`.
     """
-    dtype = _compute_dtype(x, weight, bias)
-    z = torch.einsum("bk,ekd->bed" if x.dim() == 2 else "bek,ekd->bed", x.to(dtype), weight.to(dtype))
-    if bias is not None:
-        z = z + bias.to(dtype)
-    return ACTIVATIONS[activation].function(z.to(x.dtype).to(dtype)).to(x.dtype)
+    z = _preactivation(x, weight, bias, _compute_dtype(x, weight, bias))
+    return ACTIVATIONS[activation].function(z).to(x.dtype)
+
+
+def experts_mix_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cz: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    top_k: int | None,
+    gate: str,
+    activation: str,
+) -> tuple[Tensor, Tensor]:
+    """``(Y in x's dtype, p in the compute dtype)`` without autograd: :func:`experts_output`, then the gate.
+
+    Args:
+        x, weight, bias, activation: the experts' last layer, as in :func:`experts_output`.
+        cz: the context ``C`` (``gate="attention"``) or the logits ``Z`` (``gate="softmax"``).
+        scale: the score scale (``1 / temperature`` for the softmax gate).
+        mask, top_k: as in :func:`fused_gate.experts_mix`.
+        gate: ``"attention"`` or ``"softmax"``.
+    """
+    with torch.no_grad():
+        h = experts_output(x, weight, bias, activation)
+        if gate == "attention":
+            y, p, _ = _attention_forward(h, cz, scale, mask, top_k)
+        else:
+            y, p, _ = _softmax_forward(cz, h, 1.0 / scale, mask, top_k)
+    return y.to(x.dtype), p
+
+
+def experts_mix_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cz: Tensor,
+    p: Tensor,
+    *,
+    scale: float,
+    gate: str,
+    activation: str,
+    grad_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Closed-form ``(dL/dpre [B, E, D] in x's dtype, dC or dZ in cz's dtype)`` from the forward's weights
+    ``p``, what the Triton backward writes: ``H`` recomputed, the gate's gradient ``dH`` (and ``dC`` or
+    ``dZ``) as :func:`attention_mix_backward` / :func:`softmax_mix_backward` give it, then
+    ``dpre = dH * act'(pre)`` through the activation's own torch backward (``pre = X W + bias``).
+
+    Args:
+        grad_y: ``G = dL/dY [B, T, D]``.
+        x, weight, bias, cz, scale, gate, activation: the forward's inputs, as in :func:`experts_mix_forward`.
+        p: the forward's weights ``[B, T, E]``.
+        grad_weights: ``dL/dp [B, T, E]`` when the weights were returned and used, else None.
+    """
+    dtype = _compute_dtype(x, weight, bias, cz, p)
+    with torch.enable_grad():
+        pre = _preactivation(x, weight, bias, dtype).detach().requires_grad_()
+        h = ACTIVATIONS[activation].function(pre)
+    hc = h.detach().to(x.dtype).to(dtype)
+    pc, gc = p.to(dtype), grad_y.to(dtype)
+    if gate == "attention":
+        dh, dcz = _attention_grads(gc, hc, cz.to(dtype), pc, scale, grad_weights)
+    else:
+        dcz, dh = _softmax_grads(gc, hc, pc, 1.0 / scale, grad_weights)
+    (dpre,) = torch.autograd.grad(h, pre, dh)
+    return dpre.to(x.dtype), dcz.to(cz.dtype)
+
+
+def experts_mix_function(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cz: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    top_k: int | None,
+    gate: str,
+    activation: str,
+    *,
+    first_order: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(Y, p)`` of validated arguments, differentiable (``p`` in the compute dtype): :func:`experts_output`
+    (torch's autograd), then :func:`attention_mix_function` or :func:`softmax_mix_function`, the two-step
+    path's formulation, so its gradients are the two-step path's.
+
+    Args:
+        x, weight, bias, cz, scale, mask, top_k, gate, activation: as in :func:`experts_mix_forward`.
+        first_order: a second backward raises, as through the fused ops (see :func:`attention_mix_function`).
+    """
+    h = experts_output(x, weight, bias, activation)
+    if gate == "attention":
+        y, p = attention_mix_function(h, cz, scale, mask, top_k, first_order=first_order)
+    else:
+        y, p = softmax_mix_function(cz, h, 1.0 / scale, mask, top_k, first_order=first_order)
+    return y.to(x.dtype), p
 
 
 def experts_mix(
@@ -650,8 +755,8 @@ def experts_mix(
     temperature: float = 1.0,
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The experts' last layer and the gate: :func:`experts_output`, then :func:`attention_mix_forward`
-    or :func:`softmax_mix_forward` on it. No autograd (inference).
+    """The experts' last layer and the gate: :func:`experts_output`, then :func:`attention_mix` or
+    :func:`softmax_mix` on it; differentiable (:func:`experts_mix_function`).
 
     Args:
         x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights: as
@@ -663,11 +768,6 @@ def experts_mix(
     score_scale, top_k = validate_experts_mix(
         x, weight, bias, gate, context, logits, activation, mask, top_k, scale, temperature, return_weights
     )
-    with torch.no_grad():  # H in x's dtype; the gates compute in float32 (float64 with a float64 input)
-        h = experts_output(x, weight, bias, activation)
-        if gate == "attention":
-            y, p, _ = attention_mix_forward(h, context, score_scale, mask, top_k)
-        else:
-            y, p, _ = softmax_mix_forward(logits, h, 1.0 / score_scale, mask, top_k)
-    y, p = y.to(x.dtype), p.to(x.dtype)
-    return (y, p) if return_weights else y
+    cz = context if gate == "attention" else logits
+    y, p = experts_mix_function(x, weight, bias, cz, score_scale, mask, top_k, gate, activation, first_order=False)
+    return (y, p.to(x.dtype)) if return_weights else y

@@ -183,6 +183,73 @@ def experts_mix_config(
     )
 
 
+# The experts_mix backward (kernels/experts_mix_bwd.py) keeps [ROWS, BLOCK_D] float32 tiles live in its expert
+# loop (the pre-activation, H, dL/dH, a task's G and C) next to the matmul's: MIX_BWD_TILE elements of one (half
+# that with float32 operands, whose dot takes more registers), and a per-row context's dC accumulator
+# [ROWS, BLOCK_T, BLOCK_D] through each chunk, MIX_BWD_ACCUMULATOR elements. The weights and their gradients,
+# [ROWS, BLOCK_T, BLOCK_E], are read one expert at a time, so they bound the rows only as the forward's do.
+MIX_BWD_TILE = 4096
+MIX_BWD_ACCUMULATOR = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def experts_mix_backward_config(
+    num_experts: int,
+    in_features: int,
+    dim: int,
+    num_tasks: int,
+    element_size: int = 2,
+    *,
+    context_grad: bool,
+    per_row_context: bool = False,
+) -> ExpertsMixConfig:
+    """Pick the backward's tile for ``E`` experts of ``K = in_features`` inputs and width ``D``, ``T`` tasks.
+
+    ``context_grad`` (the attention gate) takes 16 rows (the M of ``tl.dot``) and a chunk spanning all of D
+    when ``D <= 256`` and it fits the tile: the kernel then needs one pass (each expert's matmul once), where
+    a chunked D needs two (``dp = <G, H>`` over all of D first). Otherwise as many rows as the gate tile allows
+    (up to 64) and the widest D chunk within the budgets (halved for the attention gate), up to 128 columns.
+    ``per_row_context`` adds the ``dC`` accumulator ``[ROWS, BLOCK_T, BLOCK_D]``. The K step is the smallest of
+    ``tl.dot``: its 64-bit pointer tile of ``W``, ``[BLOCK_K, BLOCK_D]``, is live through the matmul.
+    """
+    block_t = triton.next_power_of_2(num_tasks)
+    block_e = triton.next_power_of_2(num_experts)
+    tile = MIX_BWD_TILE if element_size <= 2 else MIX_BWD_TILE // 2
+    accumulated = block_t if context_grad and per_row_context else 1  # the dC accumulator's tasks per (row, column)
+    whole_d = max(MIX_MIN_DOT, triton.next_power_of_2(dim))
+    rows = MIX_MAX_ROWS
+    while rows > MIX_MIN_DOT and rows * block_t * block_e > MIX_GATE_TILE:
+        rows //= 2
+    one_pass = (
+        context_grad
+        and whole_d <= MIX_MAX_ONE_PASS_D
+        and MIX_MIN_DOT * whole_d <= tile
+        and MIX_MIN_DOT * accumulated * whole_d <= MIX_BWD_ACCUMULATOR
+    )
+    budget = MIX_BWD_ACCUMULATOR
+    if one_pass:
+        rows, block_d = MIX_MIN_DOT, whole_d
+    else:
+        if context_grad:  # D in chunks: the dC chunk and the gate's stage 1 take registers too
+            tile, budget = tile // 2, budget // 2
+        widest = min(tile // rows, budget // (rows * accumulated))
+        block_d = max(MIX_MIN_DOT, min(whole_d, MIX_MAX_BLOCK_D, widest))
+    while rows > MIX_MIN_DOT and (rows * block_d > tile or rows * accumulated * block_d > budget):
+        rows //= 2
+    warps = max(
+        rows * block_d // (32 * ELEMENTS_PER_THREAD), rows * accumulated * block_d // (32 * ELEMENTS_PER_THREAD), 4
+    )
+    warps = max(warps, rows * block_t * block_e // (32 * GATE_ELEMENTS_PER_THREAD * 4))
+    return ExpertsMixConfig(
+        block_t=block_t,
+        block_e=block_e,
+        block_k=MIX_MIN_DOT,
+        block_d=block_d,
+        rows=rows,
+        num_warps=min(MIX_MAX_WARPS, triton.next_power_of_2(warps)),
+    )
+
+
 def registers_for_warps(limit: int, num_warps: int) -> int:
     """``limit``, lowered so that one program of ``num_warps`` warps fits an SM's 65536 registers (a
     16-warp program gets at most 128 per thread); a program that does not fit cannot launch."""

@@ -1,4 +1,4 @@
-"""The experts' last layer and the gate in one kernel (inference): ``H`` is never written.
+"""The experts' last layer and the gate in one kernel: ``H`` is never written (backward: ``experts_mix_bwd.py``).
 
 For every row ``b``, expert ``e`` and task ``t`` (``X [B, K]`` or ``[B, E, K]``, ``W [E, K, D]``,
 ``bias [E, D]``, ``Y [B, T, D]``)::
@@ -53,9 +53,11 @@ from torch import Tensor
 
 from fused_gate.kernels import INTERPRETED
 from fused_gate.kernels.config import ExpertsMixConfig, experts_mix_config
+from fused_gate.kernels.expert_layer import expert_chunk
 from fused_gate.kernels.gate_tile import (
     chunk,
     column,
+    expert_column,
     finite_or_zero,
     gate_weights,
     load_gate_tile,
@@ -72,80 +74,10 @@ from fused_gate.kernels.launch import (
     gate_meta,
     gate_operands,
     mix_outputs,
+    new_output,
     operand,
     row_blocks,
 )
-
-
-@triton.jit
-def _activate(h, ACTIVATION: tl.constexpr):
-    """``act(h)`` for an activation's kernel name (``fused_gate/activations.py``; ``"identity"``: ``h``),
-    float32 to a few ulp over the whole range; ``+-inf`` map to the activation's limit (GELU and SiLU:
-    ``+inf`` and 0), NaN to NaN. Selects rather than max instructions, which would drop NaN where torch
-    keeps it."""
-    if ACTIVATION == "relu":
-        h = tl.where(h < 0.0, 0.0, h)
-    elif ACTIVATION == "leaky_relu":
-        h = tl.where(h < 0.0, 0.01 * h, h)  # torch's default negative slope
-    elif ACTIVATION == "gelu":
-        h = tl.where(h == float("-inf"), 0.0, 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476)))
-    elif ACTIVATION == "silu":
-        h = tl.where(h == float("-inf"), 0.0, h * tl.sigmoid(h))
-    elif ACTIVATION == "sigmoid":
-        h = tl.sigmoid(h)
-    elif ACTIVATION == "tanh":
-        # (1 - e) / (1 + e) with e = exp(-2|h|) cancels as |h| -> 0 (2 * sigmoid(2h) - 1 likewise): below
-        # |h| = 0.4 the odd Taylor series to h^11 instead (each within 2.5e-7 relative there; NaN kept).
-        a = tl.abs(h)
-        e = tl.exp(-2.0 * a)
-        h2 = h * h
-        series = -17.0 / 315 + h2 * (62.0 / 2835 - h2 * (1382.0 / 155925))
-        series = a * (1.0 + h2 * (-1.0 / 3 + h2 * (2.0 / 15 + h2 * series)))
-        t = tl.where(a < 0.4, series, (1.0 - e) / (1.0 + e))
-        h = tl.where(h < 0.0, -t, t)
-    return h
-
-
-@triton.jit
-def _expert_chunk(layer, e, col, at, K, LAYER: tl.constexpr):
-    """``act(X[rows, (e)] @ W[e][:, chunk] + bias[e][chunk])`` as float32 ``[ROWS, BLOCK_D]``, 0 outside
-    ``[B, D]``, for the chunk of columns from ``col`` (a 64-bit scalar; ``at`` holds its width).
-
-    ``layer`` is the operands ``(x, w, b)``, read as ``[B, E, K]``, ``[E, K, D]`` and ``[1, E, D]``;
-    ``LAYER`` the constexprs ``(HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K)``. The K loop
-    steps the pointers (64-bit) so offsets inside stay below ``BLOCK_K``. With a half-precision ``X``,
-    ``X @ W + bias`` and the result are rounded to its dtype in registers, as the two-step path stores
-    them (so both overflow to ``+-inf`` alike).
-    """
-    x, w, b = layer
-    HAS_BIAS, ACTIVATION, PRECISION, DOT_IN_FLOAT32, BLOCK_K = LAYER
-    rows, _, _, offs_d, B, _, _, D = at
-    expert = tl.cast(e, tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    offs_d = offs_d.to(tl.int64)
-    r = rows[:, None]
-    acc = tl.zeros([rows.shape[0], offs_d.shape[0]], dtype=tl.float32)
-    x_k = x[0] + expert * x[2] + r * x[1] + offs_k[None, :] * x[3]
-    w_k = w[0] + expert * w[1] + col * w[3] + offs_k[:, None] * w[2] + offs_d[None, :] * w[3]
-    step = tl.cast(BLOCK_K, tl.int64)  # the K step in 64 bits: BLOCK_K * stride could overflow 32
-    for k0 in range(0, K, BLOCK_K):
-        x_tile = tl.load(x_k, mask=(r < B) & (offs_k[None, :] < K - k0), other=0.0)
-        w_tile = tl.load(w_k, mask=(offs_k[:, None] < K - k0) & (offs_d[None, :] < D), other=0.0)
-        if DOT_IN_FLOAT32:
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
-        x_k += step * x[3]
-        w_k += step * w[2]
-    if HAS_BIAS:
-        bias = b[0] + expert * b[2] + col * b[3]
-        acc += tl.load(bias + offs_d * b[3], mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
-    storage = x[0].dtype.element_ty
-    if storage != tl.float32:
-        acc = acc.to(storage).to(tl.float32)
-    h = _activate(acc, ACTIVATION)
-    if storage != tl.float32:
-        h = h.to(storage).to(tl.float32)
-    return tl.where((r < B) & (offs_d[None, :] < D), h, 0.0)
 
 
 @triton.jit
@@ -167,12 +99,6 @@ def _add_expert_scores(s, h, e, c, at, PER_ROW_CONTEXT: tl.constexpr):
 
 
 @triton.jit
-def _expert_column(p, e, offs_e):
-    """``p[:, :, e]`` of a ``[ROWS, BLOCK_T, BLOCK_E]`` tile as ``[ROWS, BLOCK_T]``."""
-    return tl.sum(tl.where((offs_e == e)[None, None, :], p, 0.0), axis=2)
-
-
-@triton.jit
 def _online_mix(
     s, unmasked, e, h, m, denom, acc, offs_e, scale,
 ):  # fmt: skip
@@ -183,8 +109,8 @@ def _online_mix(
     BLOCK_D]``) are rescaled to the new max; only finite scores the mask lets in enter (a row with a
     ``+inf`` or NaN score is made NaN afterwards from ``p``, exactly as the two-pass kernel does).
     """
-    s_e = _expert_column(s, e, offs_e) * scale
-    ok = (_expert_column(unmasked.to(tl.float32), e, offs_e) > 0.0) & (tl.abs(s_e) < float("inf"))
+    s_e = expert_column(s, e, offs_e) * scale
+    ok = (expert_column(unmasked.to(tl.float32), e, offs_e) > 0.0) & (tl.abs(s_e) < float("inf"))
     m_new = tl.maximum(m, tl.where(ok, s_e, float("-inf")))
     alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
     w = tl.where(ok, tl.exp(s_e - m_new), 0.0)
@@ -196,13 +122,14 @@ def _online_mix(
 @triton.jit
 def _mix_chunk(p, layer, col, at, K, GATE: tl.constexpr, LAYER: tl.constexpr):
     """``Y[rows, :, chunk] = sum_e p[rows, :, e] H[rows, e, chunk]`` as float32 ``[ROWS, BLOCK_T, BLOCK_D]``,
-    ``H`` recomputed by :func:`_expert_chunk`; an expert no (row, task) of the program uses costs no matmul."""
+    ``H`` recomputed by :func:`expert_layer.expert_chunk`; an expert no (row, task) of the program uses costs no
+    matmul."""
     rows, offs_t, offs_e, offs_d, B, _, E, _ = at
     y = tl.zeros([rows.shape[0], offs_t.shape[0], offs_d.shape[0]], dtype=tl.float32)
     for e in range(0, E):
-        p_e = tl.where(rows[:, None, None] < B, _expert_column(p, e, offs_e)[:, :, None], 0.0)
+        p_e = tl.where(rows[:, None, None] < B, expert_column(p, e, offs_e)[:, :, None], 0.0)
         if tl.max(tl.where(p_e != 0.0, 1, 0)) > 0:
-            h = _expert_chunk(layer, e, col, at, K, LAYER)[:, None, :]
+            h = expert_chunk(layer, e, col, at, K, LAYER)[:, None, :]
             # Attention: a non-finite H scores NaN or +-inf, so its weight is 0 or its row is NaN
             # already (gate_tile.finite_or_zero); the softmax gate selects on the weight instead.
             y += p_e * finite_or_zero(h) if GATE == "attention" else weighted(p_e, h, p_e)
@@ -254,7 +181,7 @@ def experts_mix_two_pass_kernel(
             col = tl.cast(d0, tl.int64)
             chunk_at = chunk(at, d0)
             for e in range(0, E):
-                h = _expert_chunk(layer, e, col, chunk_at, K, LAYER)
+                h = expert_chunk(layer, e, col, chunk_at, K, LAYER)
                 s = _add_expert_scores(s, h, e, column(cz, col), chunk_at, PER_ROW_CONTEXT)
     else:
         s = load_gate_tile(cz, at)
@@ -321,7 +248,7 @@ def experts_mix_one_pass_kernel(
     denom = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_T, BLOCK_D], dtype=tl.float32)
     for e in range(0, E):
-        h = _expert_chunk(layer, e, 0, at, K, LAYER)
+        h = expert_chunk(layer, e, 0, at, K, LAYER)
         s = _add_expert_scores(s, h, e, (cz_ptr, stride_czb, stride_czt, stride_czx), at, PER_ROW_CONTEXT)
         m, denom, acc = _online_mix(s, unmasked, e, h, m, denom, acc, offs_e, scale)
 
@@ -333,6 +260,27 @@ def experts_mix_one_pass_kernel(
     nan_row = tl.max(tl.where(p != p, 1, 0), axis=2) > 0
     y = tl.where(nan_row[:, :, None], float("nan"), y)
     store_mix_tile((y_ptr, stride_yb, stride_yt, stride_yd), y, at)
+
+
+def layer_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
+    """The experts' last layer as kernel arguments: ``x`` read as ``[B, E, K]`` (a shared ``[B, K]`` input
+    has expert stride 0), ``weight [E, K, D]``, ``bias [E, D]`` read as ``[1, E, D]``."""
+    x_strides = x.stride() if x.dim() == 3 else (x.stride(0), 0, x.stride(1))
+    return (x, *x_strides, *operand(weight), *operand(bias, placeholder=weight))
+
+
+def layer_meta(x: Tensor, bias: Tensor | None, activation: str) -> dict:
+    """The experts' last layer's constexprs: bias, activation and how ``tl.dot`` multiplies ``x``'s dtype."""
+    # Triton's interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns: it gets them
+    # in float32, where the products are exact, as on a tensor core. Compiled kernels keep bfloat16.
+    interpreted_bf16 = INTERPRETED and x.dtype == torch.bfloat16
+    return dict(
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation,
+        # float32 inputs multiply in full precision, as torch's matmul does by default (no TF32).
+        PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
+        DOT_IN_FLOAT32=interpreted_bf16,
+    )
 
 
 def plan_experts_mix(
@@ -347,11 +295,13 @@ def plan_experts_mix(
     gate: str,
     activation: str,
     return_weights: bool,
+    weights_dtype: torch.dtype | None = None,
     config: ExpertsMixConfig | None = None,
 ) -> Plan:
-    """The plan (``kernels/launch.py``): outputs ``(Y [B, T, D], p [B, T, E] or None)`` in ``x``'s dtype,
-    and one launch (none when ``B = 0``), of the one-pass kernel where it applies (the attention gate
-    without top-k, the tile spanning D), else of the two-pass kernel.
+    """The plan (``kernels/launch.py``): outputs ``(Y [B, T, D], p [B, T, E] or None)``, ``Y`` in ``x``'s
+    dtype and ``p`` in ``weights_dtype`` (default ``x``'s; float32 for the backward), and one launch (none
+    when ``B = 0``), of the one-pass kernel where it applies (the attention gate without top-k, the tile
+    spanning D), else of the two-pass kernel.
 
     Args:
         x, weight, bias: the experts' last layer, as in :func:`fused_gate.experts_mix`; any strides.
@@ -359,6 +309,7 @@ def plan_experts_mix(
             (``gate="softmax"``, ``scale = 1 / temperature``).
         mask, top_k, return_weights: as in :func:`fused_gate.experts_mix`.
         activation: the activation's kernel name (``fused_gate/activations.py``).
+        weights_dtype: the dtype of ``p``.
         config: replaces the heuristic (``kernels/config.py``); its ``block_t`` and ``block_e`` must
             cover ``T`` and ``E``.
 
@@ -368,21 +319,15 @@ def plan_experts_mix(
     batch = x.shape[0]
     tasks = cz.shape[-2]
     y, p = mix_outputs(x, batch, tasks, experts, dim, return_weights)
+    if return_weights and weights_dtype is not None:
+        p = new_output(x, (batch, tasks, experts), dtype=weights_dtype)
     if batch == 0:
         return Plan((y, p))
     one_pass = gate == "attention" and top_k is None
     cfg = config or experts_mix_config(experts, in_features, dim, tasks, x.element_size(), one_pass=one_pass)
     one_pass = one_pass and cfg.block_d >= dim
-    # Triton's interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns: it gets them
-    # in float32, where the products are exact, as on a tensor core. Compiled kernels keep bfloat16.
-    interpreted_bf16 = INTERPRETED and x.dtype == torch.bfloat16
-    # x as [B, E, K]: a shared [B, K] input has expert stride 0.
-    x_strides = x.stride() if x.dim() == 3 else (x.stride(0), 0, x.stride(1))
     args = (
-        x,
-        *x_strides,
-        *operand(weight),
-        *operand(bias, placeholder=weight),
+        *layer_operands(x, weight, bias),
         *gate_operands(cz, mask, placeholder=x),
         *operand(y),
         *operand(p, placeholder=y),
@@ -395,11 +340,7 @@ def plan_experts_mix(
     )
     meta = dict(
         **gate_meta(gate, cz, mask),
-        HAS_BIAS=bias is not None,
-        ACTIVATION=activation,
-        # float32 inputs multiply in full precision, as torch's matmul does by default (no TF32).
-        PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
-        DOT_IN_FLOAT32=interpreted_bf16,
+        **layer_meta(x, bias, activation),
         HAS_TOP_K=top_k is not None,
         RETURN_WEIGHTS=return_weights,
         **cfg.meta(),

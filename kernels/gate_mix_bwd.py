@@ -41,6 +41,7 @@ from fused_gate.kernels.gate_tile import (
     load_gate_tile,
     load_task_vector,
     output_column,
+    score_grads,
     store_expert_tile,
     store_gate_tile,
     store_task_vector,
@@ -80,8 +81,7 @@ def _weights_and_grads(s, dp, mask, gp, at, scale, MASK: tl.constexpr, HAS_GRAD_
     p, _ = gate_weights(s * scale, mask, at, 0, MASK, False)
     if HAS_GRAD_P:
         dp += load_gate_tile(gp, at)
-    dp = tl.where(p != 0.0, dp, 0.0)
-    ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
+    ds = score_grads(p, dp)
     # Rows past B load zeros, which an infinite context entry scores NaN (inf * 0): their ds must not
     # reach a shared context's dC, the one sum over rows.
     rows, B = at[0], at[4]

@@ -113,6 +113,12 @@ def task_row(x, t, offs_t):
 
 
 @triton.jit
+def expert_column(x, e, offs_e):
+    """``x[:, :, e]`` of a ``[ROWS, BLOCK_T, BLOCK_E]`` tensor as ``[ROWS, BLOCK_T]``."""
+    return tl.sum(tl.where((offs_e == e)[None, None, :], x, 0.0), axis=2)
+
+
+@triton.jit
 def load_gate_tile(x, at):
     """``X[rows, t, e]`` of a ``[B, T, E]`` operand as float32 ``[ROWS, BLOCK_T, BLOCK_E]``."""
     ptr, stride_b, stride_t, stride_e = x
@@ -197,6 +203,14 @@ def masked_softmax(s, allowed):
     p = tl.exp(s - m[:, :, None])
     denom = tl.sum(p, axis=2)
     return p / tl.where(denom == 0.0, 1.0, denom)[:, :, None]
+
+
+@triton.jit
+def score_grads(p, dp):
+    """``ds = p * (dp - sum_e p dp)``, the gradient of the scores from the weights' ``dp = dL/dp``, with ``dp``
+    taken as 0 where ``p = 0`` (an expert the softmax left out reaches no gradient, even a NaN or inf one)."""
+    dp = tl.where(p != 0.0, dp, 0.0)
+    return p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
 
 
 @triton.jit

@@ -18,7 +18,7 @@ machine's job); ``--occupancy`` the bench's full grid as the bench runs it (no o
 ``bench/occupancy.py``. ``experts_mix_cases`` (checked too, and compiled by every run but
 ``--occupancy``): the one-kernel experts + gate at the bench's MMoE shapes and the extremes of its range,
 both gates, sm_80 and sm_90, with every option on, and with a per-row context, one input per expert
-and float32 operands.
+and float32 operands; and the backward kernel (with ``dL/dp`` and a shared context, and in the other layouts).
 """
 
 from __future__ import annotations
@@ -108,12 +108,16 @@ def ci_cases() -> list[tuple]:
 
 
 def experts_mix_cases() -> list[tuple]:
-    """(EXPERTS_MIX, capability, E, K, D, T, attention, options) of the experts_mix kernel."""
+    """(EXPERTS_MIX, capability, E, K, D, T, attention, options) of the experts_mix kernels: the forward, and
+    with ``"training"`` the backward (GELU, whose derivative takes the most registers; the forward it follows
+    is the one of ``"weights"``, its weights stored in float32), with ``dL/dp`` (``"weights"``) and a shared
+    context, or in the other layouts."""
 
     def options(attention: bool) -> list[tuple[str, ...]]:
         layouts = ("per_row_context",) * attention + ("per_expert_input", "float32")
         # Without top-k the attention gate runs its one-pass variant where D fits the tile.
-        return [HEAVIEST, layouts] + [("per_row_mask", "weights")] * attention
+        inference = [HEAVIEST, layouts] + [("per_row_mask", "weights")] * attention
+        return [*inference, ("training", "weights"), ("training", *layouts)]
 
     return [
         (EXPERTS_MIX, cc, *shape, attention, opts)
@@ -196,6 +200,7 @@ def planned_experts_mix(
     import torch
 
     from fused_gate.kernels.experts_mix import plan_experts_mix
+    from fused_gate.kernels.experts_mix_bwd import plan_experts_mix_backward
 
     dt = torch.float32 if "float32" in options else torch.bfloat16
     x = torch.empty(BATCH, *(experts,) * ("per_expert_input" in options), in_features, dtype=dt)
@@ -206,11 +211,16 @@ def planned_experts_mix(
         cz = torch.empty(BATCH, tasks, experts, dtype=dt)
     mask = torch.ones(BATCH, tasks, experts, dtype=torch.bool) if "per_row_mask" in options else None
     top_k = max(1, experts // 2) if "top_k" in options else None
-    plan = plan_experts_mix(
-        x, weight, bias, cz, mask, 0.125, top_k, gate="attention" if attention else "softmax", activation="relu",
-        return_weights="weights" in options,
-    )  # fmt: skip
-    return list(plan.launches)
+    gate = "attention" if attention else "softmax"
+    if "training" not in options:
+        plan = plan_experts_mix(
+            x, weight, bias, cz, mask, 0.125, top_k, gate=gate, activation="relu", return_weights="weights" in options
+        )
+        return list(plan.launches)
+    y, p = torch.empty(BATCH, tasks, dim, dtype=dt), torch.empty(BATCH, tasks, experts)  # the forward's Y, float32 p
+    grad_p = torch.empty(BATCH, tasks, experts) if "weights" in options else None
+    backward = plan_experts_mix_backward(y, grad_p, x, weight, bias, cz, p, y, 0.125, gate=gate, activation="gelu")
+    return list(backward.launches)
 
 
 def compile_record(launch, capability: int, case: list) -> dict:

@@ -174,6 +174,9 @@ def test_experts_mix_floor_is_the_stated_bytes():
     one = floor_bytes("attention", shape, torch.bfloat16)
     assert one == 2 * (65536 * 512 + 8 * 512 * 256 + 8 * 256 + 2 * 256 + 65536 * 2 * 256)
     assert round(one / 1e6) == 136 and round((one + 2 * expert_bytes(shape, torch.bfloat16)) / 1e6) == 673
+    # A training step also reads G and the inputs again and writes a gradient of each input.
+    inputs = 2 * (65536 * 512 + 8 * 512 * 256 + 8 * 256 + 2 * 256)
+    assert floor_bytes("attention", shape, torch.bfloat16, training=True) == 2 * one + inputs
 
 
 def test_experts_mix_bench_runs_end_to_end(tmp_path):
@@ -181,12 +184,16 @@ def test_experts_mix_bench_runs_end_to_end(tmp_path):
 
     experts_mix.main(["--shapes", "smoke", "--impls", "one-kernel,two-step,eager", "--out", str(tmp_path)])
     text = (tmp_path / "experts_mix_fp32.md").read_text()
-    assert text.count("\n| attention |") == 1 and text.count("\n| softmax |") == 1
-    assert "two-step / one-kernel time" in text and "not kernel speeds" in text
+    assert text.count("\n| attention |") == 2 and text.count("\n| softmax |") == 2  # inference, training step
+    assert "## MMoE inference" in text and "## MMoE training step" in text
+    assert "two-step / one-kernel time" in text and "one-kernel peak MB" in text and "not kernel speeds" in text
     records = json.loads((tmp_path / "experts_mix_fp32.json").read_text())
-    assert {(r["gate"], r["impl"]) for r in records} == {
-        (g, i) for g in ("attention", "softmax") for i in ("one-kernel", "two-step", "eager")
-    }
+    assert sorted((r["pass_"], r["gate"], r["impl"]) for r in records) == sorted(
+        (p, g, i)
+        for p in ("inference", "training")
+        for g in ("attention", "softmax")
+        for i in ("one-kernel", "two-step", "eager")
+    )
     assert all(r["seconds"] > 0 and r["gbps"] > 0 for r in records)
 
 

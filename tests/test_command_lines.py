@@ -43,6 +43,7 @@ BAD_ARGUMENTS = [
     ("experts_mix", ["--impls", ""], "argument --impls: expected a comma-separated list of one-kernel"),
     ("experts_mix", ["--impls", "fast"], r"argument --impls: unknown \['fast'\]"),
     ("experts_mix", ["--rounds", "0"], "argument --rounds: expected an int >= 1, got 0"),
+    ("experts_mix", ["--passes", "train"], r"argument --passes: unknown \['train'\]"),
     ("swap_in_step", ["--models", "foo"], r"argument --models: unknown \['foo'\]"),
     ("swap_in_step", ["--hidden", "abc"], "argument --hidden: expected comma-separated widths, each an int >= 1"),
     ("swap_in_step", ["--batch", "256,0"], "argument --batch: expected comma-separated batch sizes, each an int >= 1"),

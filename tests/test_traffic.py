@@ -172,3 +172,36 @@ def test_experts_mix_counts_are_linear_in_the_batch():
     predicted = traffic.measure_experts_mix("attention", replace(shape, B=3 * rows), "bf16").launches
     counted = traffic._experts_mix_launches("attention", replace(shape, B=3 * rows), torch.bfloat16)
     assert [(x.programs, x.total, x.unique) for x in predicted] == [(x.programs, x.total, x.unique) for x in counted]
+
+
+def test_op_floors_count_inputs_read_and_outputs_written_once():
+    """``count_op_floors``: a matmul reads its operands and writes its result; a view moves nothing; an in-place
+    op reads the tensor it writes; a fill writes only; broadcast (stride 0) axes count once."""
+    from bench.memory_traffic import count_op_floors
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with count_op_floors() as ops:
+        c = a @ b
+        c.t()
+        c.add_(torch.ones(3).expand(4, 3))
+    assert [(op.read, op.written) for op in ops] == [
+        ((32 + 24) * 4, 12 * 4),  # mm
+        (0, 3 * 4),  # ones: written only
+        ((12 + 3) * 4, 12 * 4),  # add_: c and the expanded ones (3 distinct values) read, c written
+    ]
+
+
+def test_training_memory_fused_saves_and_moves_less_than_two_steps():
+    """``python -m bench.training_memory`` at a small shape (MMoE with the attention gate, PLE with the softmax
+    gate): the fused path keeps nothing of size B * E * D for the backward and moves fewer bytes per step than
+    the two steps; every count lies on the line through the first two batches."""
+    from bench import training_memory
+
+    shape = training_memory.LayerShape(B=4096, K=24, E=4, D=40, T=2)
+    h_bytes = shape.B * shape.E * shape.D * 2
+    for layer, gate in (("mmoe", "attention"), ("ple", "softmax")):
+        fused, two_steps = (
+            training_memory.measure(layer, gate, path, shape, "bf16", check=True) for path in ("fused", "two-step")
+        )
+        assert two_steps.largest_saved >= h_bytes > fused.largest_saved, (layer, gate)
+        assert fused.saved < two_steps.saved and fused.moved < two_steps.moved, (layer, gate)
