@@ -353,6 +353,28 @@ def test_hooks_on_the_gates_fire_as_in_the_original(name, gate_path, device):
     assert recorded.counts[f"fused_gate::softmax_mix_v{SCHEMA_VERSION}"] == MODELS[name][2]
 
 
+@pytest.mark.parametrize("case", ["one matmul", "hooked", "gate DNN"])
+def test_deepctr_mmoe_gate_logits(case, device):
+    """The DeepCTR-Torch MMOE twin computes its gates' logits in one matmul, the same values as the T Linears;
+    a hook on one of those Linears (here one that changes its output), or a gate DNN, makes it call them."""
+    model, swapped, _, inputs = build("deepctr_mmoe", device, gate_hidden=(5,) if case == "gate DNN" else ())
+    calls = Counter()
+    for m in (model, swapped):
+        if case == "hooked":
+            m.gate_dnn_final_layer[1].register_forward_hook(
+                lambda mod, args, out, m=m: calls.update([id(m)]) or 2 * out
+            )
+    dnn_input = torch.randn(4, model.input_dim, device=device)
+    logits = swapped._gate_logits(dnn_input)
+    if case == "one matmul":
+        assert torch.equal(logits, torch.stack([f(dnn_input) for f in model.gate_dnn_final_layer], 1))
+    else:
+        assert isinstance(logits, list) and len(logits) == model.num_tasks
+    calls.clear()
+    assert_same_step(model, swapped, inputs, case)
+    assert calls[id(model)] == calls[id(swapped)] == (case == "hooked")
+
+
 @pytest.mark.parametrize("name", ["deepctr_mmoe", "deepctr_ple", "rechub_mmoe"])
 def test_swapped_model_runs_in_float64(name, gate_path, device):
     """``model.double()`` works swapped as it does unswapped: float64 runs the reference, on every device."""
