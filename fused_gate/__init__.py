@@ -12,9 +12,9 @@ kernels: they load at the first op call (``fused_gate/dispatch.py``).
 """
 
 from fused_gate import _interpreter, reference  # noqa: F401  (_interpreter first: checks before triton is imported)
-from fused_gate.dispatch import uses_kernels
+from fused_gate.dispatch import export_as_reference, uses_kernels
 from fused_gate.fused_experts import experts_mix
-from fused_gate.gates import AttentionMix, SoftmaxGate
+from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE
 from fused_gate.ops import attention_mix, softmax_mix
@@ -24,10 +24,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PLE",
     "AttentionMix",
+    "InputQueryAttentionMix",
     "MMoE",
     "SoftmaxGate",
     "attention_mix",
     "experts_mix",
+    "export_as_reference",
     "reference",
     "softmax_mix",
     "swap_in",

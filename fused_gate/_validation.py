@@ -99,7 +99,9 @@ def _validate_mask(mask: object, batch: int, tasks: int, experts: int) -> None:
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) not in ((tasks, experts), (batch, tasks, experts)):
+    # Only shapes of one length are compared: a traced batch size compared with T would become a guard.
+    expected = (tasks, experts) if mask.dim() == 2 else (batch, tasks, experts)
+    if tuple(mask.shape) != expected:
         raise ValueError(
             f"mask must have shape [T, E] = {[tasks, experts]} or [B, T, E] = "
             f"{[batch, tasks, experts]}, got {list(mask.shape)}"

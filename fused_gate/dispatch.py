@@ -17,32 +17,54 @@ the modules that only register the ops run without them.
 :func:`uses_kernels` says so and its reference implementation elsewhere; the public functions first
 ask :func:`reference_call` (in eager mode on a device without kernels they call the reference
 directly, with no dispatch boundary between them and it).
+
+Exported and AOTInductor-compiled models hold no fused_gate operator where they run
+(:class:`FusedOp`): ``torch.export`` traces a call on a device without compiled kernels (a CPU) as the
+reference's plain ATen ops, and keeps the op, one node, where the kernels are compiled (CUDA); when
+AOTInductor compiles that node, the op turns into its kernel launches
+(``torch.library.wrap_triton``), which Inductor compiles into the package. ``torch.compile`` keeps
+every op one opaque node, as in eager mode. Within :func:`export_as_reference`, ``torch.export`` and
+``ExportedProgram.run_decompositions`` trace the reference's ATen ops on every device: a program exported
+on CUDA then loads where fused_gate is not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from fused_gate.op_names import op_name
 
 
 @functools.cache
-def kernel_devices() -> tuple[str, ...]:
-    """The device types that run the kernels: CUDA, and the CPU when the kernels were defined for
-    Triton's interpreter (``fused_gate.kernels.INTERPRETED``); the first call imports them."""
+def kernels_interpreted() -> bool:
+    """Whether the kernels were defined for Triton's interpreter (``fused_gate.kernels.INTERPRETED``);
+    the first call imports them."""
     from fused_gate.kernels import INTERPRETED
 
-    return ("cuda", "cpu") if INTERPRETED else ("cuda",)
+    return INTERPRETED
+
+
+def kernel_devices() -> tuple[str, ...]:
+    """The device types that run the kernels: CUDA, and the CPU when the kernels are interpreted."""
+    return ("cuda", "cpu") if kernels_interpreted() else ("cuda",)
 
 
 def uses_kernels(x: object) -> bool:
     """True when an op on ``x``'s device runs the Triton kernels (compiled or interpreted)."""
     return isinstance(x, Tensor) and x.device.type in kernel_devices()
+
+
+def compiled_kernels(x: Tensor) -> bool:
+    """True when an op on ``x``'s device runs compiled Triton kernels (CUDA, not interpreted): the
+    kernels that AOTInductor can compile into a package."""
+    return x.device.type == "cuda" and not kernels_interpreted()
 
 
 def in_float64(*tensors: Tensor | None) -> bool:
@@ -80,21 +102,102 @@ def reference_call(device_tensor: Tensor, *tensors: Tensor | None) -> bool | Non
     return None
 
 
-def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], torch.library.CustomOpDef]:
+# Whether export_as_reference is active: a module global, which torch.export's Dynamo front end (strict
+# mode) reads as a constant, where a ContextVar would break its graph.
+_as_reference = False
+
+
+@contextlib.contextmanager
+def export_as_reference() -> Iterator[None]:
+    """Within it, ``torch.export.export`` and ``ExportedProgram.run_decompositions`` trace every fused op
+    as its reference's plain ATen ops on every device, as ``torch.export`` does on a CPU: a program
+    exported on CUDA (which keeps the ops, one node each, for AOTInductor to compile their kernels) then
+    saves (``torch.export.save``) as one that loads and runs where fused_gate is not installed, on
+    PyTorch's own kernels: ``with export_as_reference(): portable = program.run_decompositions()``.
+    """
+    global _as_reference
+    outer, _as_reference = _as_reference, True
+    try:
+        yield
+    finally:
+        _as_reference = outer
+
+
+def _device_tensor(args: tuple) -> Tensor:
+    """The op's first tensor argument: the one whose device decides where the op runs."""
+    return next(a for a in args if isinstance(a, Tensor))
+
+
+class FusedOp:
+    """A registered op and its reference implementation, called as the op.
+
+    While ``torch.export`` traces a call on a device without compiled kernels (a CPU, interpreted
+    kernels included) or within :func:`export_as_reference`, the call runs the reference instead: the
+    exported graph holds its plain ATen ops (the exact formulation, no data-dependent branch: the fast
+    path never applies while tracing), so neither the graph nor an AOTInductor package built from it
+    needs fused_gate where it runs.
+    Everywhere else the call is the op's (one node under ``torch.compile`` and ``torch.export``).
+    ``register_fake``, ``register_autograd`` and the op's other attributes are the op's.
+    """
+
+    def __init__(self, op: torch.library.CustomOpDef, reference: Callable) -> None:
+        self.op, self.reference = op, reference
+
+    def __call__(self, *args):
+        if torch.compiler.is_exporting() and (_as_reference or not compiled_kernels(_device_tensor(args))):
+            return self.reference(*args)
+        return self.op(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.op, name)
+
+
+def _aot_compiling() -> bool:
+    """True while AOTInductor compiles a graph (``torch._inductor.aoti_compile_and_package``)."""
+    from torch._inductor.virtualized import V
+
+    return V.aot_compilation
+
+
+def _functional_rule(run: Callable, reference: Callable) -> Callable:
+    """The op's rule under functionalization (``FunctionalTensorMode``, where AOTInductor lowers a graph and
+    ``ExportedProgram.run_decompositions`` retraces one): while AOTInductor compiles a call on compiled
+    kernels, the op is replaced by ``run``'s kernel launches, recorded with ``torch.library.wrap_triton``
+    so that Inductor compiles the kernels into the package, as ``torch.library.triton_op`` does; within
+    :func:`export_as_reference`, by the reference's ATen ops; elsewhere (``torch.compile``,
+    ``torch.export``) the op stays one node."""
+
+    def rule(mode, op, types, args, kwargs):
+        if _as_reference:
+            with mode:
+                return reference(*args, **kwargs)
+        if not (_aot_compiling() and compiled_kernels(_device_tensor(args))):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        from fused_gate.kernels.launch import traced_launches
+
+        with mode, traced_launches():
+            return run(*args, **kwargs)
+
+    return rule
+
+
+def fused_op(name: str, *, reference: Callable) -> Callable[[Callable], FusedOp]:
     """Register the decorated kernel implementation as the ``torch.library`` custom op ``name``
     (registered as :func:`fused_gate.op_names.op_name` spells it, with its schema version).
 
     The op runs it where :func:`uses_kernels` holds for its first tensor argument, and ``reference``
-    (same arguments, same outputs) elsewhere. The schema comes from the kernel implementation's
-    annotations; ``register_fake`` and ``register_autograd`` go on the returned op.
+    (same arguments, same outputs) elsewhere; exported and AOTInductor-compiled graphs get the reference's
+    ATen ops or the kernel launches instead (:class:`FusedOp`). The schema comes from the kernel
+    implementation's annotations; ``register_fake`` and ``register_autograd`` go on the returned op.
     """
 
-    def register(kernels: Callable) -> torch.library.CustomOpDef:
+    def register(kernels: Callable) -> FusedOp:
         @functools.wraps(kernels)
         def run(*args):
-            device_tensor = next(a for a in args if isinstance(a, Tensor))
-            return (kernels if uses_kernels(device_tensor) else reference)(*args)
+            return (kernels if uses_kernels(_device_tensor(args)) else reference)(*args)
 
-        return torch.library.custom_op(op_name(name), run, mutates_args=())
+        op = torch.library.custom_op(op_name(name), run, mutates_args=())
+        op.register_torch_dispatch(FunctionalTensorMode, _functional_rule(run, reference))
+        return FusedOp(op, reference)
 
     return register

@@ -1,5 +1,6 @@
-"""The gate modules: ``AttentionMix`` (learned task contexts over the expert outputs) and ``SoftmaxGate``
-(``softmax(W_t x)``, the classic MMoE/PLE gate), each one fused mix per call."""
+"""The gate modules, each one fused mix per call: ``AttentionMix`` (one learned query per task over the expert
+outputs), ``InputQueryAttentionMix`` (each task's query computed from the input, ``x W_t + b_t``) and
+``SoftmaxGate`` (``softmax(W_t x)``, the classic MMoE/PLE gate)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,110 @@ class AttentionMix(nn.Module):
         return f"num_tasks={self.num_tasks}, dim={self.dim}{extras}, masked={self.mask is not None}"
 
 
+def _validate_gate_input(x: Tensor, num_tasks: int, in_features: int) -> None:
+    """A gate input is ``[B, in_features]`` (one input for every gate) or ``[B, T, in_features]`` (one per gate)."""
+    if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != num_tasks) or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have shape [B, in_features] or [B, T, in_features] with T = {num_tasks} and "
+            f"in_features = {in_features}, got {list(x.shape)}"
+        )
+
+
+class InputQueryAttentionMix(nn.Module):
+    """Attention gate whose task queries are computed from the input: ``c_t(x) = x W_t + b_t``.
+
+    ``Y[b,t] = sum_e softmax_e(scale * <c_t(x_b), H[b,e]>) * H[b,e]``: the scores read the expert outputs,
+    as in :class:`AttentionMix`, but each row's query is a Linear of its own input (one Linear per task,
+    ``query.weight [T, in_features, D]``, ``query.bias [T, D]``, ``nn.Linear``'s initialisation), so the
+    gate can route every row by its input, as the softmax gate does. The queries ``[B, T, D]`` go to
+    :func:`fused_gate.attention_mix` as its per-row context. With ``W_t = 0`` it is :class:`AttentionMix`
+    with context ``b``.
+
+    ``forward(x, h)`` takes the gates' input ``x`` and the expert outputs ``h [B, E, D]`` and returns
+    ``[B, T, D]``.
+
+    Args:
+        in_features: width of the gate's input ``x``.
+        num_tasks: T, the number of gates (tasks).
+        dim: D, the experts' output width (and the queries').
+        scale: score scale, default ``1 / sqrt(D)``.
+        mask: optional bool ``[T, E]`` of the experts each task may use (a buffer, saved in the
+            ``state_dict``).
+        top_k: keep only the ``top_k`` best experts per row and task.
+        bias: whether the query Linears have the bias ``b_t``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_tasks: int,
+        dim: int,
+        *,
+        scale: float | None = None,
+        mask: Tensor | None = None,
+        top_k: int | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        in_features = validate_count("in_features", in_features, 1)
+        num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
+        dim = validate_count("dim", dim, 1)
+        validate_flag("bias", bias)
+        self.in_features, self.num_tasks, self.dim = in_features, num_tasks, dim
+        self.scale = None if scale is None else validate_positive_float("scale", scale)
+        self.top_k = validate_top_k(top_k)
+        self.query = BatchedLinear(in_features, dim, num_tasks, bias=bias)
+        validate_module_mask(mask, num_tasks)
+        self.register_buffer("mask", mask, persistent=mask is not None)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """The tasks' queries ``[B, T, D]`` from ``x``, ``[B, in]`` (one input for every gate) or ``[B, T, in]``."""
+        _validate_gate_input(x, self.num_tasks, self.in_features)
+        return self.query(x)
+
+    def forward(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Gate ``h`` by scores against queries computed from ``x``.
+
+        Args:
+            x: the gates' input, ``[B, in_features]`` (shared by every gate) or ``[B, T, in_features]``
+                (one per gate, as in a CGC level).
+            h: the expert outputs ``[B, E, D]``, any strides.
+            return_weights: also return the gate weights ``p [B, T, E]`` (differentiable).
+
+        Returns:
+            ``Y [B, T, D]``, or ``(Y, p)`` with ``return_weights``.
+        """
+        return attention_mix(
+            h, self.queries(x), scale=self.scale, mask=self.mask, top_k=self.top_k, return_weights=return_weights
+        )
+
+    def mix(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The gate call of the MMoE / PLE layers (shared with :meth:`SoftmaxGate.mix`): ``forward(x, h)``.
+
+        Args: ``x``, ``h`` and ``return_weights`` as in :meth:`forward`.
+        """
+        return self(x, h, return_weights)
+
+    def mix_experts(self, x: Tensor, z: Tensor, layer: BatchedDense) -> Tensor:
+        """:meth:`mix` of ``layer(z)`` in one kernel that never writes the experts' outputs
+        (:func:`fused_gate.experts_mix` with a per-row context; inference only).
+
+        Args:
+            x: the gates' input, as in :meth:`forward` (the queries come from it).
+            z: the input of the experts' last layer, ``[B, K]`` or ``[B, E, K]``.
+            layer: the experts' last layer (``weight [E, K, D]``, ``bias [E, D]``, its activation).
+        """
+        return experts_mix(
+            z, layer.weight, layer.bias, activation=layer.activation, context=self.queries(x), scale=self.scale,
+            mask=self.mask, top_k=self.top_k,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        extras = "".join(f", {k}={v}" for k, v in (("scale", self.scale), ("top_k", self.top_k)) if v is not None)
+        sizes = f"in_features={self.in_features}, num_tasks={self.num_tasks}, dim={self.dim}"
+        return f"{sizes}{extras}, masked={self.mask is not None}"
+
+
 class SoftmaxGate(nn.Module):
     """Classic MMoE/PLE gate: ``p_t = softmax(BN(dnn_t(x_t) W_t + b_t) / temperature)``, then the fused mix.
 
@@ -199,7 +304,7 @@ class SoftmaxGate(nn.Module):
         flags = dict(bias=bias, hidden_batch_norm=hidden_batch_norm, logits_batch_norm=logits_batch_norm)
         for name, flag in flags.items():
             validate_flag(name, flag)
-        self.num_tasks, self.num_experts = num_tasks, num_experts
+        self.in_features, self.num_tasks, self.num_experts = in_features, num_tasks, num_experts
         self.temperature = validate_positive_float("temperature", temperature, reciprocal=True)
         self.top_k = validate_top_k(top_k, num_experts)
         hidden = validate_widths("hidden", hidden, allow_empty=True)
@@ -212,11 +317,7 @@ class SoftmaxGate(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """The gates' logits ``[B, T, E]`` from ``x``, ``[B, in]`` (one input for every gate) or ``[B, T, in]``."""
-        if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != self.num_tasks):
-            raise ValueError(
-                f"x must have shape [B, in_features] or [B, T, in_features] with T = {self.num_tasks}, "
-                f"got {list(x.shape)}"
-            )
+        _validate_gate_input(x, self.num_tasks, self.in_features)
         z = self.linear(self.dnn(x) if self.dnn is not None else x)
         return z if self.batch_norm is None else self.batch_norm(z.flatten(1)).unflatten(1, z.shape[1:])
 
@@ -242,7 +343,7 @@ class SoftmaxGate(nn.Module):
         )
 
     def mix(self, x: Tensor, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The gate call of the MMoE / PLE layers (shared with :meth:`AttentionMix.mix`): ``forward(x, h)``.
+        """The gate call of the MMoE / PLE layers (shared with the attention gates): ``forward(x, h)``.
 
         Args: ``x``, ``h`` and ``return_weights`` as in :meth:`forward`.
         """

@@ -2,7 +2,7 @@
 
 Experts are E multi-layer MLPs evaluated as one batched matmul per layer (:class:`fused_gate.experts.Experts`),
 never a Python loop; their output ``[B, E, hidden]`` is read by the gate kernels in place. PLE's
-"shared + task-specific experts" structure is expressed with the gate mask. Both gate kinds are called
+"shared + task-specific experts" structure is expressed with the gate mask. Every gate kind is called
 the same way, ``gate.mix(x, h)``, so the layers' forwards do not depend on the gate kind.
 
 The options cover torch-rechub's and DeepCTR-Torch's MMoE and PLE: multi-layer experts, BatchNorm and
@@ -32,7 +32,12 @@ from fused_gate._validation import (
 )
 from fused_gate.dispatch import uses_kernels
 from fused_gate.experts import Experts, TaskTowers
-from fused_gate.gates import AttentionMix, SoftmaxGate
+from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
+
+LAYER_GATES = (*GATES, "attention_input_query")
+"""The layers' gate kinds: the ops' two, and the attention gate whose per-task queries are computed from the
+input (:class:`~fused_gate.gates.InputQueryAttentionMix`)."""
+Gate = AttentionMix | InputQueryAttentionMix | SoftmaxGate
 
 SHARED_GATE_EXPERTS = ("all", "shared")
 
@@ -62,10 +67,10 @@ def _make_gate(
     activation: str,
     dropout: float,
     batch_norm: bool,
-) -> AttentionMix | SoftmaxGate:
+) -> Gate:
     """The layer's gate module; the gate DNN shares the experts' activation, dropout and BatchNorm option."""
-    if kind not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
+    if kind not in LAYER_GATES:
+        raise ValueError(f"gate must be one of {LAYER_GATES}, got {kind!r}")
     gate_hidden = validate_widths("gate_hidden", gate_hidden, allow_empty=True)
     if kind == "attention":
         if gate_hidden or not gate_bias or gate_batch_norm:
@@ -74,6 +79,13 @@ def _make_gate(
                 "the attention gate has none, use gate='softmax'"
             )
         return AttentionMix(num_gates, expert_width, mask=mask, top_k=top_k)
+    if kind == "attention_input_query":
+        if gate_hidden or gate_batch_norm:
+            raise ValueError(
+                "gate_hidden and gate_batch_norm configure the softmax gate's logits; gate='attention_input_query' "
+                "has a query Linear per task (gate_bias is its bias)"
+            )
+        return InputQueryAttentionMix(in_features, num_gates, expert_width, mask=mask, top_k=top_k, bias=gate_bias)
     return SoftmaxGate(
         in_features,
         num_gates,
@@ -120,7 +132,7 @@ def _check_options(**options: object) -> None:
             validate_flag(name, value)
 
 
-def _one_kernel_applies(experts: Experts, gate: AttentionMix | SoftmaxGate, x: Tensor) -> bool:
+def _one_kernel_applies(experts: Experts, gate: Gate, x: Tensor) -> bool:
     """Whether :func:`fused_gate.experts_mix` can serve this call: inference (eval mode, no autograd), a last
     expert layer without BatchNorm, the kernels' device, one dtype (no autocast), a gate tile it holds, and
     no forward hook or pre-hook on the modules it does not call (the experts, their last layer, the gate)
@@ -138,9 +150,7 @@ def _one_kernel_applies(experts: Experts, gate: AttentionMix | SoftmaxGate, x: T
     )
 
 
-def _gate_mix(
-    gate: AttentionMix | SoftmaxGate, experts: Experts, gate_input: Tensor, expert_input: Tensor, fused_experts: bool
-) -> Tensor:
+def _gate_mix(gate: Gate, experts: Experts, gate_input: Tensor, expert_input: Tensor, fused_experts: bool) -> Tensor:
     """``gate.mix(gate_input, experts(expert_input))``; in inference, with ``fused_experts``, the experts' last
     layer and the gate run as one kernel and the experts' outputs are never written. The last layer's weight
     is read through the module at every call, so a ``torch.nn.utils.parametrize`` parametrization applies."""
@@ -160,13 +170,16 @@ class MMoE(nn.Module):
     ``D = expert_hidden[-1]``, or the towers' outputs ``[B, T]`` when ``tower_hidden`` is given.
 
     Args:
-        in_features: width of the input ``x``, which every expert and the softmax gate read.
+        in_features: width of the input ``x``, which every expert and the gate (but ``"attention"``) read.
         num_experts: E, the number of experts.
         expert_hidden: the experts' widths (an int for one layer); the last one, D, is the width of
             each task's mix.
         num_tasks: T, the number of tasks (one gate each).
-        gate: ``"attention"`` (learned task context vectors over the expert outputs) or ``"softmax"``
-            (``softmax(W_t x)``, the paper's gate).
+        gate: ``"attention"`` (one learned query vector per task over the expert outputs:
+            :class:`~fused_gate.AttentionMix`), ``"softmax"`` (``softmax(W_t x)``, the paper's gate:
+            :class:`~fused_gate.SoftmaxGate`) or ``"attention_input_query"`` (attention over the expert
+            outputs with each task's query computed from the input, ``x W_t + b_t``:
+            :class:`~fused_gate.InputQueryAttentionMix`).
         top_k: sparse gate, keep the ``top_k`` best experts per row and task (default: all E).
         tower_hidden: add one MLP tower per task, ``D -> tower_hidden... -> 1`` (an int for one hidden
             layer, ``()`` for a single Linear), giving ``[B, T]``.
@@ -177,7 +190,8 @@ class MMoE(nn.Module):
         batch_norm: a BatchNorm after every hidden layer's Linear (experts, gate DNN, towers unless
             ``tower_batch_norm``), one per expert / gate / tower.
         gate_hidden: the softmax gate's DNN widths before its final Linear (default: none).
-        gate_bias: whether the softmax gate's final Linear has a bias.
+        gate_bias: whether the softmax gate's final Linear (or ``"attention_input_query"``'s query Linear)
+            has a bias.
         gate_batch_norm: a BatchNorm on the softmax gate's logits, before the softmax.
         tower_activation, tower_dropout, tower_batch_norm: the towers' hidden layers' options (default:
             the experts').
@@ -357,8 +371,8 @@ class PLE(nn.Module):
         num_levels: number of stacked CGC levels.
         shared_gate_experts: the experts a non-final level's shared gate mixes: ``"all"`` (the PLE paper's,
             torch-rechub's and DeepCTR-Torch's layout) or ``"shared"`` (only the shared experts, FuxiCTR's).
-        gate: ``"attention"`` or ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input), as in
-            :class:`MMoE`.
+        gate: ``"attention"``, ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input) or
+            ``"attention_input_query"`` (queries ``x_g W_g + b_g`` from each gate's own input), as in :class:`MMoE`.
         top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
         tower_hidden: add one MLP tower per task, as in :class:`MMoE`.
         activation, dropout, batch_norm: as in :class:`MMoE`, for every level.

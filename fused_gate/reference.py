@@ -399,8 +399,9 @@ class _AttentionMix(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         h, context, scale, mask, top_k, first_order = inputs
         _, p = output
+        # the same tensors for both modes: vmap's generated rule keeps one batch-dimension record for them
         ctx.save_for_backward(h, context, mask, p)
-        ctx.save_for_forward(h, context, p)
+        ctx.save_for_forward(h, context, mask, p)
         ctx.scale, ctx.top_k, ctx.first_order = scale, top_k, first_order
         ctx.set_materialize_grads(False)
 
@@ -423,7 +424,7 @@ class _AttentionMix(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, h_t, context_t, *_):
-        h, context, p = ctx.saved_tensors
+        h, context, _, p = ctx.saved_tensors
         dtype = p.dtype
         hc, cc = h.to(dtype), context.to(dtype)
         s_t = torch.zeros_like(p)
@@ -560,7 +561,7 @@ class _SoftmaxMix(torch.autograd.Function):
         logits, h, temperature, mask, top_k, first_order = inputs
         _, p = output
         ctx.save_for_backward(logits, h, mask, p)
-        ctx.save_for_forward(h, p)
+        ctx.save_for_forward(logits, h, mask, p)  # as in _AttentionMix: one record of batch dimensions
         ctx.temperature, ctx.top_k, ctx.first_order = temperature, top_k, first_order
         ctx.set_materialize_grads(False)
 
@@ -582,7 +583,7 @@ class _SoftmaxMix(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, logits_t, h_t, *_):
-        h, p = ctx.saved_tensors
+        _, h, _, p = ctx.saved_tensors
         dtype = p.dtype
         p_t = torch.zeros_like(p)
         if logits_t is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,21 @@ from fused_gate.kernels import INTERPRETED
 # Triton's interpreter keeps per-launch state in module globals (the grid, the program ids), so two
 # threads interpreting kernels at once corrupt each other's launch. Compiled launches need no lock.
 _INTERPRETER_LOCK = threading.Lock()
+_TRACING = threading.local()
+# Launch options Inductor does not pass on to a user kernel it compiles (torch 2.13 keeps num_warps and
+# num_stages only): left out of a traced launch, where they would be read as kernel arguments.
+_UNTRACED_OPTIONS = ("maxnreg",)
+
+
+@contextlib.contextmanager
+def traced_launches() -> Iterator[None]:
+    """Within it, launches are recorded into the graph being traced (``torch.library.wrap_triton``)
+    instead of run: how AOTInductor sees the kernels and compiles them into its package."""
+    outer, _TRACING.on = getattr(_TRACING, "on", False), True
+    try:
+        yield
+    finally:
+        _TRACING.on = outer
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,10 @@ class KernelLaunch:
     meta: dict
 
     def launch(self) -> None:
+        if getattr(_TRACING, "on", False):
+            meta = {k: v for k, v in self.meta.items() if k not in _UNTRACED_OPTIONS}
+            torch.library.wrap_triton(self.kernel)[self.grid](*self.args, **meta)
+            return
         with _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
             self.kernel[self.grid](*self.args, **self.meta)
 

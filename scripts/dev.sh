@@ -55,7 +55,9 @@ fi
 
 case "$cmd" in
   demo) exec "$VPY" -m fused_gate.apps.demo "$@" ;;
-  test) exec "$VPY" -m pytest tests -q -W ignore::DeprecationWarning "$@" ;;
+  # test: the whole suite, or the test files / node ids given first (test tests/test_ops.py -k mask)
+  test) if [ $# -eq 0 ] || [ ! -e "${1%%::*}" ]; then set -- tests "$@"; fi
+        exec "$VPY" -m pytest -q -W ignore::DeprecationWarning "$@" ;;
   bench) exec "$VPY" -m bench.run "$@" ;;
   gpu) exec "$VPY" -m bench.campaign "$@" ;;
   torchrec) exec "$VPY" -m torch.distributed.run --standalone --nproc-per-node 2 -m fused_gate.apps.torchrec "$@" ;;

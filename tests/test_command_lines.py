@@ -93,6 +93,30 @@ def test_dev_script_answers_help_and_unknown_commands_before_any_install(tmp_pat
     assert not (tmp_path / ".venv").exists()
 
 
+def test_dev_script_test_runs_the_files_given_alone(tmp_path):
+    """``dev.sh test FILE -k ...`` hands pytest that file alone; with options alone, the whole ``tests``. A
+    stand-in ``.venv/bin/python`` prints what it is asked to run."""
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_one.py").touch()
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text('#!/bin/sh\n[ "$1" = -c ] || echo "$@"\n')
+    python.chmod(0o755)
+
+    def pytest_args(*args: str) -> str:
+        done = subprocess.run(["bash", "scripts/dev.sh", "test", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    options = "-m pytest -q -W ignore::DeprecationWarning"
+    assert pytest_args("tests/test_one.py::test_a", "-k", "mask") == f"{options} tests/test_one.py::test_a -k mask"
+    assert pytest_args("-k", "mask") == f"{options} tests -k mask"
+    assert pytest_args() == f"{options} tests"
+
+
 def test_selftest_on_cpu_device_with_an_index_runs_the_kernels():
     """``--device cpu:0`` restarts with the interpreter as ``--device cpu`` does: the fused column is the kernels'
     (its error differs from the reference's), not the reference under the kernels' name."""

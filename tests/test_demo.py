@@ -30,8 +30,8 @@ def test_demo_smoke(tmp_path, capsys):
     ]  # fmt: skip
     result = demo.main(args)
     out = capsys.readouterr().out
-    assert "Final test MSE per task" in out and "softmax" in out and "attention" in out
-    assert set(result["finals"]) == {(0.5, "softmax"), (0.5, "attention")}
+    assert "Final test MSE per task" in out and "softmax: task 1" in out and "attention_input_query: task 1" in out
+    assert set(result["finals"]) == {(0.5, gate) for gate in ("softmax", "attention", "attention_input_query")}
     curves = [curve for runs in result["curves"].values() for curve in runs]
     assert all(len(curve) == 2 and all(len(mse) == 2 for mse in curve) for curve in curves)  # 2 evaluations x 2 tasks
     assert "mean over 1 seed;" in out

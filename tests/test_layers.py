@@ -85,6 +85,9 @@ class LoopModel:
         mask = gate.mask if mask is None else mask
         if isinstance(gate, fg.AttentionMix):
             return fg.reference.attention_mix(h, gate.context.double(), mask=mask, top_k=gate.top_k)
+        if isinstance(gate, fg.InputQueryAttentionMix):
+            queries = torch.stack(self.linear(gate.query, xs), dim=1)  # [B, T, D]: one query per row and task
+            return fg.reference.attention_mix(h, queries, mask=mask, top_k=gate.top_k)
         z = self.linear(gate.linear, self.mlp(gate.dnn, xs) if gate.dnn is not None else xs)
         if gate.batch_norm is not None:
             e = gate.num_experts
@@ -177,11 +180,13 @@ def compare(model, loop_method: str, x, *, training: bool):
 
 # name -> (options, the gate kinds they apply to); dropout is exercised by test_dropout_* below.
 MMOE_CONFIGS = {
-    "one_layer": (dict(), ("attention", "softmax")),
+    "one_layer": (dict(), ("attention", "softmax", "attention_input_query")),
     "deep_bn": (
         dict(expert_hidden=(8, 6), batch_norm=True, activation="tanh", tower_hidden=(5, 4)),
-        ("attention", "softmax"),
+        ("attention", "softmax", "attention_input_query"),
     ),
+    # the input-query gate's Linears without bias (c_t(x) = x W_t), sparse
+    "query_no_bias": (dict(gate_bias=False, top_k=2, tower_hidden=3), ("attention_input_query",)),
     # DeepCTR-Torch's MMOE: gate DNN, gate Linear without bias, tower output without bias
     "gate_dnn": (
         dict(
@@ -240,7 +245,7 @@ def test_ple_matches_loop_model(name, gate, training, gate_path, device):
 
 @pytest.mark.parametrize("top_k", [None, 2])
 @pytest.mark.parametrize("towers", [None, 4])
-@pytest.mark.parametrize("gate", ["attention", "softmax"])
+@pytest.mark.parametrize("gate", fg.layers.LAYER_GATES)
 def test_mmoe_positional_api(gate, towers, top_k, device):
     torch.manual_seed(0)
     model = fg.MMoE(10, 4, 8, 3, gate=gate, top_k=top_k, tower_hidden=towers).to(device)
@@ -249,7 +254,7 @@ def test_mmoe_positional_api(gate, towers, top_k, device):
 
 
 @pytest.mark.parametrize("levels", [1, 3])
-@pytest.mark.parametrize("gate", ["attention", "softmax"])
+@pytest.mark.parametrize("gate", fg.layers.LAYER_GATES)
 def test_ple_levels(gate, levels, device):
     torch.manual_seed(0)
     model = fg.PLE(10, 2, 2, 1, 8, num_levels=levels, gate=gate, tower_hidden=3).to(device)
@@ -404,8 +409,8 @@ def test_ple_shared_gate_experts_matches_loop_model(gate, gate_path, monkeypatch
     assert not torch.allclose(shared_only[:, 2], every[:, 2])
 
 
-def test_one_gate_call_for_both_kinds(device):
-    """``gate.mix(x, h)`` is the layers' only gate call: AttentionMix ignores x, SoftmaxGate reads it."""
+def test_one_gate_call_for_every_kind(device):
+    """``gate.mix(x, h)`` is the layers' only gate call: AttentionMix ignores x, the other gates read it."""
     torch.manual_seed(0)
     h = torch.randn(5, 3, 4, device=device)
     x = torch.randn(5, 6, device=device)
@@ -413,6 +418,26 @@ def test_one_gate_call_for_both_kinds(device):
     torch.testing.assert_close(attention.mix(x, h), attention(h))
     softmax = fg.SoftmaxGate(6, 2, 3).to(device)
     torch.testing.assert_close(softmax.mix(x, h), softmax(x, h))
+    input_query = fg.InputQueryAttentionMix(6, 2, 4).to(device)
+    torch.testing.assert_close(input_query.mix(x, h), input_query(x, h))
+
+
+@pytest.mark.parametrize("per_gate_input", [False, True], ids=["shared_input", "input_per_gate"])
+def test_input_query_gate_module(per_gate_input, device):
+    """Each row's query is ``x W_t + b_t``: the gate equals attention_mix with that per-row context, weights
+    included, and its gradient reaches the query Linears through both outputs."""
+    torch.manual_seed(0)
+    gate = fg.InputQueryAttentionMix(6, 2, 5, scale=0.7).to(device)
+    x = torch.randn(4, 2, 6, device=device) if per_gate_input else torch.randn(4, 6, device=device)
+    h = torch.randn(4, 3, 5, device=device)
+    y, p = gate(x, h, return_weights=True)
+    xs = x.unbind(1) if per_gate_input else (x, x)
+    queries = torch.stack([xs[t] @ gate.query.weight[t] + gate.query.bias[t] for t in range(2)], dim=1)
+    y_ref, p_ref = fg.reference.attention_mix(h, queries, scale=0.7, return_weights=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(p, p_ref)
+    (y.sum() + p[..., 0].sum()).backward()
+    assert gate.query.weight.grad.abs().sum() > 0 and gate.query.bias.grad.abs().sum() > 0
 
 
 def test_softmax_gate_module(device):
@@ -466,6 +491,11 @@ def test_compile_with_symbolic_floats(device):
         (lambda: fg.MMoE(4, 2, 3, 2, tower_hidden=(2,), tower_dropout=-0.1), "dropout must be"),
         (lambda: fg.MMoE(4, 2, 3, 2, gate="attention", gate_hidden=(4,)), "attention gate has none"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, gate="attention", gate_batch_norm=True), "attention gate has none"),
+        (lambda: fg.MMoE(4, 2, 3, 2, gate="attention_input_query", gate_hidden=(4,)), "query Linear per task"),
+        (lambda: fg.PLE(4, 2, 1, 1, 3, gate="attention_input_query", gate_batch_norm=True), "query Linear"),
+        (lambda: fg.InputQueryAttentionMix(4, 0, 3), r"num_tasks must be in 1\.\.16, got 0"),
+        (lambda: fg.InputQueryAttentionMix(4, 2, 3, scale=-1.0), "scale must be a finite positive number"),
+        (lambda: fg.InputQueryAttentionMix(4, 2, 3, mask=torch.ones(3, 2, dtype=torch.bool)), "mask must have shape"),
         (lambda: fg.PLE(4, 2, 1, 1, 3, num_levels=2, shared_gate_experts="task"), "shared_gate_experts must be one"),
         (lambda: fg.PLE(4, 2, 0, 1, 3, num_levels=2, shared_gate_experts="shared"), "num_shared_experts >= 1"),
     ],
@@ -522,7 +552,16 @@ def test_rejects_shared_gate_experts_of_wrong_type():
         CGCLevel(4, 2, 1, 1, 3, shared_gate=True, shared_gate_experts=True)
 
 
-def test_softmax_gate_rejects_wrong_input_shape():
-    gate = fg.SoftmaxGate(6, 2, 3)
+def test_rejects_bad_option_types():
+    with pytest.raises(TypeError, match="in_features must be an int, got float"):
+        fg.InputQueryAttentionMix(4.0, 2, 3)
+    with pytest.raises(TypeError, match="top_k must be an int or None"):
+        fg.InputQueryAttentionMix(4, 2, 3, top_k="2")
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 6), (4, 5)], ids=["wrong_T", "wrong_in_features"])
+@pytest.mark.parametrize("kind", ["SoftmaxGate", "InputQueryAttentionMix"])
+def test_gates_reject_wrong_input_shape(kind, shape):
+    gate = fg.SoftmaxGate(6, 2, 3) if kind == "SoftmaxGate" else fg.InputQueryAttentionMix(6, 2, 5)
     with pytest.raises(ValueError, match=r"x must have shape \[B, in_features\] or \[B, T, in_features\]"):
-        gate(torch.randn(4, 3, 6), torch.randn(4, 3, 5))
+        gate(torch.randn(shape), torch.randn(4, 3, 5))

@@ -33,6 +33,9 @@ CONFIGS = {
     ),
     "ple_attention": ("ple", dict(gate="attention", num_levels=2, tower_hidden=3)),
     "ple_softmax_deep": ("ple", dict(gate="softmax", num_levels=2, expert_hidden=(7, 5), activation="sigmoid")),
+    # the queries come from the input: experts_mix with a per-row context [B, T, D]
+    "mmoe_input_query_top_k": ("mmoe", dict(gate="attention_input_query", top_k=2, tower_hidden=4)),
+    "ple_input_query_deep": ("ple", dict(gate="attention_input_query", num_levels=2, expert_hidden=(7, 5))),
     "ple_shared_gate_over_shared": ("ple", dict(gate="attention", num_levels=2, shared_gate_experts="shared")),
 }
 

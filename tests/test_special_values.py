@@ -444,6 +444,29 @@ def test_vmap_over_a_batch_of_gates(device):
         assert_matches(stacked[i], fg.reference.attention_mix(h.double(), contexts[i].double()), torch.float32)
 
 
+@pytest.mark.parametrize("op", ["attention_mix", "softmax_mix"])
+def test_backward_and_forward_mode_through_a_vmapped_gate(op, device):
+    """A vmapped forward (a stack of models trained at once) differentiates as each member alone, in reverse
+    mode and in forward mode."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, 6, device=device)  # [stack, B, E, D]
+    second = torch.randn(3, 4, 2, 6 if op == "attention_mix" else 5, device=device)  # contexts or logits
+
+    def mix(h, second):
+        return fg.attention_mix(h, second) if op == "attention_mix" else fg.softmax_mix(second, h)
+
+    leaves = h.clone().requires_grad_(), second.clone().requires_grad_()
+    torch.func.vmap(mix)(*leaves).square().sum().backward()
+    tangents = torch.randn_like(h), torch.randn_like(second)
+    _, jvp = torch.func.vmap(lambda a, b, ta, tb: torch.func.jvp(mix, (a, b), (ta, tb)))(h, second, *tangents)
+    for i in range(3):
+        alone = h[i].clone().requires_grad_(), second[i].clone().requires_grad_()
+        mix(*alone).square().sum().backward()
+        for stacked, single in zip(leaves, alone, strict=True):
+            assert_matches(stacked.grad[i], single.grad, torch.float32, "gradient")
+        assert_matches(jvp[i], torch.func.jvp(mix, alone, (tangents[0][i], tangents[1][i]))[1], torch.float32)
+
+
 # ---------------------------------------------------------------------------- 7. reference top-k memory
 
 

@@ -1,13 +1,15 @@
-"""Demo: MMoE with the classic softmax gate vs the attention gate, on the MMoE paper's synthetic tasks.
+"""Demo: MMoE with the classic softmax gate vs the two attention gates, on the MMoE paper's synthetic tasks.
 
     python -m fused_gate.apps.demo [--quick] [--correlations 0.5 0.9 1.0 --seeds 3 --steps 5000 --device cuda]
 
-For each task correlation and seed both models start from the same seed, see the same batches and
-train for the same number of steps (Adam, MSE per task). The demo prints each gate's final per-task
-test loss (mean over seeds) and the time per training step of the gate op alone, fused vs the
-plain-PyTorch reference, on the chosen device. It writes a PNG of the test-loss curves, one panel per
-task and correlation. The setup follows the paper: d = 100 inputs, 8 experts of one 16-unit layer,
-8-unit towers. ``--quick`` trains one correlation with one seed (2 trainings instead of 18).
+The gates: ``softmax`` (the paper's), ``attention`` (one learned query per task) and ``attention_input_query``
+(each task's query computed from the input). For each task correlation and seed the three models start
+from the same seed, see the same batches and train for the same number of steps (Adam, MSE per task).
+The demo prints each gate's final per-task test loss (mean over seeds) and the time per training step of the
+gate op alone, fused vs the plain-PyTorch reference, on the chosen device. It writes a PNG of the
+test-loss curves, one panel per task and correlation. The setup follows the paper: d = 100 inputs,
+8 experts of one 16-unit layer, 8-unit towers. ``--quick`` trains one correlation with one seed (3 trainings
+instead of 27).
 
 On a CPU without ``TRITON_INTERPRET=1`` the fused ops fall back to the reference, so training runs at
 eager speed and the gate timing is not meaningful: the kernels need a GPU.
@@ -28,13 +30,13 @@ from fused_gate._validation import MAX_EXPERTS
 from fused_gate.apps.arguments import device, integer, real
 from fused_gate.apps.synthetic import make_tasks
 from fused_gate.apps.training import Progress, train
-from fused_gate.layers import GATES
+from fused_gate.layers import LAYER_GATES
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fused_gate.apps.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="the first correlation only, one seed: 2 trainings instead of 18"
+        "--quick", action="store_true", help="the first correlation only, one seed: 3 trainings instead of 27"
     )
     parser.add_argument("--correlations", type=real(-1.0, 1.0), nargs="+", default=[0.5, 0.9, 1.0])
     parser.add_argument("--seeds", type=integer(1), default=3, help="seeds per correlation")
@@ -112,7 +114,7 @@ def _plot(curves: dict, args: argparse.Namespace) -> Path | None:
     for col, corr in enumerate(args.correlations):
         for task in range(2):
             ax = axes[task][col]
-            for gate in GATES:
+            for gate in LAYER_GATES:
                 runs = curves[(corr, gate)]
                 mean = [statistics.fmean(run[i][task] for run in runs) for i in range(len(runs[0]))]
                 steps = [min((i + 1) * args.eval_every, args.steps) for i in range(len(mean))]
@@ -135,12 +137,12 @@ def _plot(curves: dict, args: argparse.Namespace) -> Path | None:
 def run(args: argparse.Namespace) -> dict:
     """Train every (correlation, gate, seed); print the tables; return the results."""
     kernels = fg.uses_kernels(torch.empty(0, device=args.device))
-    print(f"fused_gate demo: MMoE, softmax gate vs attention gate; device {args.device}, torch {torch.__version__}")
+    print(f"fused_gate demo: MMoE, gates {', '.join(LAYER_GATES)}; device {args.device}, torch {torch.__version__}")
     print(
         f"d={args.input_dim}, {args.experts} experts x {args.expert_hidden} units, towers {args.tower_hidden}, "
         f"{args.steps} steps of {args.batch_size}, {_seeds(args.seeds)}, Adam lr {args.lr}\n"
     )
-    progress = Progress(len(args.correlations) * len(GATES) * args.seeds)
+    progress = Progress(len(args.correlations) * len(LAYER_GATES) * args.seeds)
     curves: dict = {}
     finals: dict = {}
     for corr in args.correlations:
@@ -149,20 +151,21 @@ def run(args: argparse.Namespace) -> dict:
             x, y = make_tasks(args.train_size + args.test_size, args.input_dim, corr, gen)
             x, y = x.to(args.device), y.to(args.device)
             train, test = slice(0, args.train_size), slice(args.train_size, None)
-            for gate in GATES:
+            for gate in LAYER_GATES:
                 curve, per_task = _train(args, gate, x[train], y[train], x[test], y[test], seed)
                 curves.setdefault((corr, gate), []).append(curve)
                 finals.setdefault((corr, gate), []).append(per_task)
                 progress.step(f"p={corr} {gate} seed {seed}")
 
     print(f"\nFinal test MSE per task (mean over {_seeds(args.seeds)}; lower is better)")
-    print(f"{'p':>5} | {'softmax: task 1':>15} {'task 2':>8} | {'attention: task 1':>17} {'task 2':>8}")
+    print(f"{'p':>5} | " + " | ".join(f"{f'{gate}: task 1':>{len(gate) + 8}} {'task 2':>8}" for gate in LAYER_GATES))
     for corr in args.correlations:
         cells = []
-        for gate in GATES:
+        for gate in LAYER_GATES:
             runs = finals[(corr, gate)]
-            cells.append([statistics.fmean(r[k] for r in runs) for k in range(2)])
-        print(f"{corr:>5} | {cells[0][0]:>15.4f} {cells[0][1]:>8.4f} | {cells[1][0]:>17.4f} {cells[1][1]:>8.4f}")
+            task_1, task_2 = (statistics.fmean(r[k] for r in runs) for k in range(2))
+            cells.append(f"{task_1:>{len(gate) + 8}.4f} {task_2:>8.4f}")
+        print(f"{corr:>5} | " + " | ".join(cells))
 
     fused = _gate_step_ms(args, fg.attention_mix)
     reference = _gate_step_ms(args, fg.reference.attention_mix)

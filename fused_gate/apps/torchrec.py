@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
-from fused_gate.layers import GATES
+from fused_gate.layers import LAYER_GATES
 
 if TYPE_CHECKING:  # TorchRec takes seconds to import: the app imports it after parsing, so --help answers at once
     import torch
@@ -98,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="how the tables are placed (mixed: table i gets the i-th of the other four, cyclically)",
     )
     parser.add_argument("--over-arch", choices=OVER_ARCHS, default="mmoe", help="fused_gate.MMoE or fused_gate.PLE")
-    parser.add_argument("--gate", choices=GATES, default="attention", help="the over-arch's gate")
+    parser.add_argument("--gate", choices=LAYER_GATES, default="attention", help="the over-arch's gate")
     parser.add_argument("--steps", type=_positive_int, default=300)
     parser.add_argument(
         "--batch-size", type=_positive_int, default=256, help="rows per step over all processes (a multiple of N)"

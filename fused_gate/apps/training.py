@@ -70,6 +70,21 @@ class History:
     def best_mse(self) -> list[float]:
         return self.mse[self.best]
 
+    def record(self, step: int, mse: list[float], entropy: list[float]) -> bool:
+        """Append one evaluation; True when its mean MSE is the lowest so far (``best`` then points at it)."""
+        lowest = statistics.fmean(self.best_mse) if self.steps else math.inf
+        improved = statistics.fmean(mse) < (lowest if lowest < math.inf else math.inf)  # a NaN best counts as inf
+        self.steps.append(step)
+        self.mse.append(mse)
+        self.entropy.append(entropy)
+        if improved:
+            self.best = len(self.steps) - 1
+        return improved
+
+    def stalled(self, patience: int) -> bool:
+        """Early stopping: ``patience`` evaluations in a row without a new best, or a mean MSE that is not finite."""
+        return len(self.steps) - 1 - self.best >= patience or not math.isfinite(statistics.fmean(self.mse[-1]))
+
 
 def predict_with_gate_weights(model: fg.MMoE, x: Tensor) -> tuple[Tensor, Tensor]:
     """An MMoE's output ``[B, T]`` (towers required) and its gate weights ``p [B, T, E]``."""
@@ -77,13 +92,19 @@ def predict_with_gate_weights(model: fg.MMoE, x: Tensor) -> tuple[Tensor, Tensor
     return model.towers(mixed), weights
 
 
+def mse_and_entropy(prediction: Tensor, weights: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task MSE ``[..., T]`` of ``prediction [..., N, T]`` against ``y`` and the gate weights' (``[..., N, T, E]``)
+    normalised entropy ``[..., T]`` (see ``History``), each a mean over the N rows."""
+    mse = ((prediction - y) ** 2).mean(-2)
+    entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1).mean(-2)
+    return mse, entropy / math.log(max(weights.shape[-1], 2))
+
+
 @torch.no_grad()
 def evaluate(model: fg.MMoE, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
     """Per-task MSE on ``(x [N, in], y [N, T])`` and per-task normalised gate entropy (see ``History``)."""
-    prediction, weights = predict_with_gate_weights(model, x)
-    mse = ((prediction - y) ** 2).mean(0)
-    entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1).mean(0)
-    return mse.tolist(), (entropy / math.log(max(weights.shape[-1], 2))).tolist()
+    mse, entropy = mse_and_entropy(*predict_with_gate_weights(model, x), y)
+    return mse.tolist(), entropy.tolist()
 
 
 def train(
@@ -109,7 +130,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     history = History()
-    best_loss, best_state = math.inf, None
+    best_state = None
     start = time.perf_counter()
     for step in range(1, steps + 1):
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=order).to(x.device)
@@ -119,16 +140,9 @@ def train(
         opt.step()
         if step % eval_every and step != steps:
             continue
-        mse, entropy = evaluate(model, x_eval, y_eval)
-        history.steps.append(step)
-        history.mse.append(mse)
-        history.entropy.append(entropy)
-        mean = statistics.fmean(mse)
-        if mean < best_loss:
-            best_loss, history.best = mean, len(history.steps) - 1
-            if patience is not None:
-                best_state = copy.deepcopy(model.state_dict())
-        if patience is not None and (len(history.steps) - 1 - history.best >= patience or not math.isfinite(mean)):
+        if history.record(step, *evaluate(model, x_eval, y_eval)) and patience is not None:
+            best_state = copy.deepcopy(model.state_dict())
+        if patience is not None and history.stalled(patience):
             break
     if best_state is not None:
         model.load_state_dict(best_state)
