@@ -59,9 +59,15 @@ LOG2_E = 1 / math.log(2)
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
+    for t in tensors:  # a loop, not any() of a generator: this runs on every call of the CPU fallback
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
     return torch.float32
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatcher call when ``x`` already has that dtype (about 1 us on a CPU)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _fast_path_applies(dtype: torch.dtype) -> bool:
@@ -302,8 +308,8 @@ def _attention_forward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(Y, p, kept)`` in the compute dtype."""
     dtype = _compute_dtype(h, context)
-    hc = h.to(dtype)
-    s = _scores(hc, context.to(dtype), scale)
+    hc = _as(h, dtype)
+    s = _scores(hc, _as(context, dtype), scale)
     kept = _kept(s, mask, top_k)
     allowed = mask if kept is None else kept
     if _fast_path_applies(dtype):
@@ -393,7 +399,7 @@ class _AttentionMix(torch.autograd.Function):
     @staticmethod
     def forward(h, context, scale, mask, top_k, first_order):
         y, p, _ = _attention_forward(h, context, scale, mask, top_k)
-        return y.to(h.dtype), p
+        return _as(y, h.dtype), p
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -474,7 +480,7 @@ def attention_mix(
 
 
 def _softmax_scores(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    s = logits.to(dtype)
+    s = _as(logits, dtype)
     return s if temperature == 1.0 else s / temperature
 
 
@@ -483,7 +489,7 @@ def _softmax_forward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(Y, p, kept)`` in the compute dtype."""
     dtype = _compute_dtype(logits, h)
-    hc = h.to(dtype)
+    hc = _as(h, dtype)
     s = _softmax_scores(logits, dtype, temperature)
     kept = _kept(s, mask, top_k)
     allowed = mask if kept is None else kept
@@ -554,7 +560,7 @@ class _SoftmaxMix(torch.autograd.Function):
     @staticmethod
     def forward(logits, h, temperature, mask, top_k, first_order):
         y, p, _ = _softmax_forward(logits, h, temperature, mask, top_k)
-        return y.to(h.dtype), p
+        return _as(y, h.dtype), p
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -364,15 +364,14 @@ def test_deepctr_mmoe_gate_logits(case, device):
             m.gate_dnn_final_layer[1].register_forward_hook(
                 lambda mod, args, out, m=m: calls.update([id(m)]) or 2 * out
             )
+    assert_same_step(model, swapped, inputs, case)
+    assert calls[id(model)] == calls[id(swapped)] == (case == "hooked")
     dnn_input = torch.randn(4, model.input_dim, device=device)
     logits = swapped._gate_logits(dnn_input)
     if case == "one matmul":
         assert torch.equal(logits, torch.stack([f(dnn_input) for f in model.gate_dnn_final_layer], 1))
     else:
         assert isinstance(logits, list) and len(logits) == model.num_tasks
-    calls.clear()
-    assert_same_step(model, swapped, inputs, case)
-    assert calls[id(model)] == calls[id(swapped)] == (case == "hooked")
 
 
 @pytest.mark.parametrize("name", ["deepctr_mmoe", "deepctr_ple", "rechub_mmoe"])
