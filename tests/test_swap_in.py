@@ -196,6 +196,13 @@ def test_gate_layouts_follow_the_module_device():
     assert layout.mask.sum().item() == sum(len(g) for g in layout.gate_experts)
 
 
+def test_a_masked_layout_refuses_stacked_logits():
+    """Stacked ``[B, G, E]`` logits are for a layout without a mask; a CGC layout needs each gate's own columns."""
+    layout = _gates.cgc_layout(2, 1, 1, shared_gate=True)
+    with pytest.raises(ValueError, match="gate_logits: a layout with a mask"):
+        layout.mix(torch.zeros(4, 3, 3), torch.zeros(4, 3, 2))
+
+
 def test_submodules_of_a_bigger_model_from_both_libraries(device):
     rechub, _, _, rechub_inputs = build("rechub_ple", device)
     deepctr, _, _, deepctr_inputs = build("deepctr_mmoe", device)
