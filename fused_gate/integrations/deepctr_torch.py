@@ -4,8 +4,9 @@ layers: ``to_fused(model)``.
 A DeepCTR-Torch gate is an optional DNN, then a Linear without bias (the logits), then
 ``softmax(1)`` and a matmul with the stacked experts. The twins keep the gate's own layers up to the
 logits and replace the softmax and the per-gate matmuls by one :func:`fused_gate.softmax_mix` call per
-level. Every random draw (dropout in the experts, gate DNNs and towers) happens in the library's order,
-so a seeded training step matches the original.
+level. The MMOE twin without a gate DNN computes its gates' final Linears as one matmul (the same values)
+unless a hook is registered on one of them. Every random draw (dropout in the experts, gate DNNs and
+towers) happens in the library's order, so a seeded training step matches the original.
 
 The library's PLE also computes a shared gate on its last level and discards it. The twin skips its
 logits and mix; in training it still runs that gate's DNN, because the library's DNN draws dropout
