@@ -4,22 +4,22 @@
                  [--impls fused,eager,...] [--passes fwd,bwd,fwd+bwd] [--rounds N] [--round-ms MS]
 
 On a GPU the default grid is ``small`` in bf16. Without one the suite is a smoke check: ``smoke``
-shapes in fp32, the Triton kernels run through the interpreter (``bench/__init__.py`` sets
-``TRITON_INTERPRET=1``), and the timings mean nothing.
+shapes in fp32, the Triton kernels run through the interpreter (``pytest_configure`` sets
+``TRITON_INTERPRET=1`` before any kernel is defined), and the timings mean nothing.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 
 import pytest
 import torch
-import triton
 
 from bench.cases import DTYPES, GRIDS, IMPLS, PASSES, Shape, copy_call, floor_bytes, make_inputs, timed_call
+from bench.interpreter import use_interpreter
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for, peak_memory_bytes
-from fused_gate.kernels import INTERPRETED
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 
@@ -48,6 +48,9 @@ def _choices(config, name: str, allowed) -> list[str]:
 
 
 def pytest_configure(config):
+    use_interpreter()
+    from fused_gate.kernels import INTERPRETED
+
     if not ON_CUDA and not INTERPRETED:
         raise pytest.UsageError("no GPU: run the benchmarks with TRITON_INTERPRET=1 so the Triton kernels execute")
 
@@ -74,10 +77,12 @@ def pytest_collection_modifyitems(items):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Stamp the run: device, versions and the command that produced it (read by bench/report.py)."""
+    from fused_gate.kernels import INTERPRETED
+
     machine_info["fused_gate"] = {
         "device": device_label(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": importlib.metadata.version("triton"),
         "cuda": torch.version.cuda,
         "interpreted": INTERPRETED,
         "command": os.environ.get("FUSED_GATE_BENCH_COMMAND") or " ".join(["python -m pytest", *sys.argv[1:]]),

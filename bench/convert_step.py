@@ -19,8 +19,9 @@ import importlib
 
 import torch
 
+from bench.interpreter import use_interpreter
 from bench.swap_in_step import step_table
-from bench.swap_models import MODELS
+from tests.library_models import MODELS
 
 
 def _converted(name: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -28,6 +29,7 @@ def _converted(name: str, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_interpreter()
     step_table(
         argv,
         prog="python -m bench.convert_step",

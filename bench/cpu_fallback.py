@@ -22,6 +22,7 @@ import torch
 import fused_gate as fg
 from bench.cases import EAGER, OPS, Shape, make_inputs
 from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
+from bench.interpreter import use_interpreter
 from bench.swap_in_step import dispatch_label
 from fused_gate._validation import MAX_EXPERTS, MAX_TASKS
 from fused_gate.apps.arguments import integer, integer_list, real
@@ -41,6 +42,7 @@ def _call(fn, inputs: list[torch.Tensor], grad_y: torch.Tensor, pass_: str):
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_interpreter()
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_fallback", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--batch", type=integer_list(1, "batch sizes"), default="256,1024,8192", help="batch sizes, comma-separated"

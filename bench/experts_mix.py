@@ -37,10 +37,11 @@ from torch import Tensor
 
 import fused_gate as fg
 from bench.cases import DTYPES, EAGER
+from bench.interpreter import use_interpreter
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_clock, device_label, iterations_for
+from fused_gate._validation import GATES
 from fused_gate.apps.arguments import comma_list, integer
-from fused_gate.layers import GATES
 
 IMPLS = ("one-kernel", "two-step", "eager", "compile")
 
@@ -196,6 +197,7 @@ def markdown(results: list[Measurement], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    use_interpreter()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.experts_mix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="mmoe" if ON_CUDA else "smoke")

@@ -23,7 +23,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from triton.runtime import interpreter
 
 
 @dataclass
@@ -120,6 +119,8 @@ class count_traffic:
         self._saved: dict = {}
 
     def __enter__(self) -> list[LaunchTraffic]:
+        from triton.runtime import interpreter  # here: importing triton must wait for TRITON_INTERPRET
+
         builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
         self._saved = {
             (builder, "create_masked_load"): builder.create_masked_load,

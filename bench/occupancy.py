@@ -10,11 +10,16 @@ and warps are resident per SM, and the bytes of the expert tile (``ROWS x BLOCK_
 that the resident programs load in one wave. A configuration with fewer than ``MIN_WARPS`` resident
 warps is listed with the limit that binds. Output: ``occupancy_h100.md`` and ``.json`` in DIR (default
 ``bench/results/occupancy/``); the Markdown is printed too.
+
+Both record the :func:`fingerprint` of what the table is computed from (``SOURCES`` and the grid), so
+``tests/test_compile.py`` can tell, without compiling, that the committed table is still current.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -23,11 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.cases import GRIDS
-from fused_gate.kernels.config import tile_config
 
 ROOT = Path(__file__).resolve().parent.parent
-# The bench's full grid (E, T, D; B does not change the configuration).
-FULL_GRID = GRIDS["full"]
+# The bench's full grid as (E, D, T): B does not change the configuration.
+SHAPES = sorted({(s.E, s.D, s.T) for s in GRIDS["full"]})
+# What the compiled registers and this table's text depend on, besides the grid and triton's version.
+SOURCES = ("kernels/*.py", "tests/aot.py", "bench/occupancy.py")
 MIN_WARPS = 16
 BF16_BYTES = 2
 
@@ -46,6 +52,17 @@ class SM:
 
 
 H100 = SM()
+
+
+def fingerprint() -> str:
+    """A SHA-256 prefix of the ``SOURCES`` files (paths and text, line endings normalised) and the grid's
+    shapes: it changes whenever a change there can change the table."""
+    digest = hashlib.sha256()
+    for path in sorted(p for pattern in SOURCES for p in ROOT.glob(pattern)):
+        text = path.read_bytes().replace(b"\r\n", b"\n")
+        digest.update(f"{path.relative_to(ROOT).as_posix()}\0{len(text)}\0".encode() + text)
+    digest.update(repr(SHAPES).encode())
+    return digest.hexdigest()[:16]
 
 
 def resident(registers: int, warps: int, shared: int, sm: SM = H100) -> tuple[int, str]:
@@ -95,6 +112,8 @@ def compile_records(shapes: list[tuple[int, int, int]]) -> list[dict]:
 
 def occupancy_rows(records: list[dict], sm: SM = H100) -> list[Occupancy]:
     """One row per compiled gate kernel (the small dC reduction is left out: it is not the hot loop)."""
+    from fused_gate.kernels.config import tile_config  # here, so importing this module loads no kernel
+
     rows = []
     for r in records:
         _, e, d, t, attention, _ = r["case"]
@@ -143,9 +162,11 @@ def _why(o: Occupancy, sm: SM = H100) -> str:
     return f"{o.warps} warps per program"
 
 
-def markdown(rows: list[Occupancy], sm: SM = H100) -> str:
+def markdown(rows: list[Occupancy], stamp: str, sm: SM = H100) -> str:
     lines = [
         f"# Occupancy on an {sm.name} (sm_90 compile, no GPU): the bench's full grid, no option",
+        "",
+        stamp,
         "",
         "Registers per thread from the cubin; resident programs and warps per SM from the per-SM limits; "
         "tile in flight = the resident programs' expert tiles (ROWS x BLOCK_E x BLOCK_D, bf16) in one load wave.",
@@ -188,12 +209,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m bench.occupancy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "occupancy", help="output folder")
     args = parser.parse_args(argv)
-    shapes = sorted({(s.E, s.D, s.T) for s in FULL_GRID})
-    rows = occupancy_rows(compile_records(shapes))
+    sources, triton = fingerprint(), importlib.metadata.version("triton")
+    rows = occupancy_rows(compile_records(SHAPES))
     args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(rows)
+    stamp = (
+        f"`python -m bench.occupancy`, triton {triton}; sources fingerprint `{sources}` "
+        f"({', '.join(f'`{p}`' for p in SOURCES)} and the grid: `tests/test_compile.py` checks it is current)."
+    )
+    text = markdown(rows, stamp)
     (args.out / "occupancy_h100.md").write_text(text)
-    (args.out / "occupancy_h100.json").write_text(json.dumps([asdict(o) for o in rows], indent=1))
+    record = {"fingerprint": sources, "triton": triton, "configurations": [asdict(o) for o in rows]}
+    (args.out / "occupancy_h100.json").write_text(json.dumps(record, indent=1))
     print(text)
     return args.out
 

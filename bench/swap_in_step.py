@@ -14,8 +14,8 @@ the wall clock: steadier on a loaded machine, with ``--threads 1``.
 
 On a CPU with ``TRITON_INTERPRET=0`` the swapped models run ``fused_gate``'s CPU fallback (the reference,
 plain PyTorch), so the ratio measures that fallback against the libraries' per-task loops, not the
-kernels. Importing ``bench`` sets ``TRITON_INTERPRET=1`` on a machine without a GPU: then the Triton
-interpreter runs and the times mean nothing, which the output says.
+kernels. Without ``TRITON_INTERPRET`` on a machine without a GPU the command sets it to 1 (as every bench
+command does): then the Triton interpreter runs and the times mean nothing, which the output says.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch
 
 import fused_gate
 from bench.interleaved import CLOCKS, compare, load_average, machine_line, ratio_cell
-from bench.swap_models import MODELS, inputs_to
+from bench.interpreter import use_interpreter
 from fused_gate._validation import MAX_TASKS
 from fused_gate.apps.arguments import comma_list, integer, integer_list, real, widths
 from fused_gate.apps.arguments import device as device_name
-from fused_gate.kernels import INTERPRETED
+from tests.library_models import MODELS, inputs_to
 
 PLE_SHARED = 2  # shared experts per PLE level; the rest are split over the tasks
 
@@ -69,7 +69,7 @@ def _sizes(name: str, experts: int, hidden: tuple[int, ...], tasks: int) -> dict
 def dispatch_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"Triton kernels on {torch.cuda.get_device_name(device)}"
-    if INTERPRETED:
+    if fused_gate.uses_kernels(torch.empty(0)):  # a CPU tensor runs the kernels: interpreted
         return "Triton interpreter on the CPU: times mean nothing (run with TRITON_INTERPRET=0)"
     return "CPU fallback (the reference, plain PyTorch)"
 
@@ -160,6 +160,7 @@ def _swapped(name: str, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_interpreter()
     step_table(
         argv,
         prog="python -m bench.swap_in_step",

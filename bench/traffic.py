@@ -24,11 +24,6 @@ to the two-step path's bytes ``floor + 2 |H|`` (``H`` written by the experts' ma
 
 from __future__ import annotations
 
-import os
-
-# Counting needs the interpreter, also on a GPU machine; set before the kernels are defined.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import argparse
 import datetime
 import json
@@ -41,11 +36,10 @@ import torch
 import fused_gate as fg
 from bench import experts_mix
 from bench.cases import DTYPES, GRIDS, OPS, Shape, floor_bytes, make_inputs
+from bench.interpreter import use_interpreter
 from bench.memory_traffic import LaunchTraffic, Traffic, count_traffic
 from bench.report import results_dir
 from bench.timing import device_label
-from fused_gate.kernels import INTERPRETED
-from fused_gate.kernels.config import experts_mix_config
 
 PASSES = ("fwd", "bwd")
 COUNTS = tuple(f.name for f in fields(Traffic))
@@ -245,6 +239,8 @@ def _experts_mix_launches(gate: str, shape: experts_mix.MMoEShape, dtype: torch.
 
 def measure_experts_mix(gate: str, shape: experts_mix.MMoEShape, dtype: str) -> ExpertsMixTraffic:
     """The launch at ``shape``, on the line through B = ROWS and 2 * ROWS (``shape.B`` a multiple of ROWS)."""
+    from fused_gate.kernels.config import experts_mix_config
+
     torch_dtype = DTYPES[dtype]
     rows = experts_mix_config(shape.E, shape.K, shape.D, shape.T, torch_dtype.itemsize).rows
     if shape.B % rows:
@@ -292,6 +288,9 @@ def experts_mix_table(dtype: str) -> list[ExpertsMixTraffic]:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    use_interpreter(on_gpu=True)  # counting needs the interpreter, also on a GPU machine
+    from fused_gate.kernels import INTERPRETED
+
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="small", help="shape grid of bench/cases.py")

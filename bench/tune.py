@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import itertools
 import json
 import statistics
@@ -24,18 +25,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import triton
 
 import fused_gate as fg
 from bench.cases import DTYPES, Shape, floor_bytes, make_inputs
+from bench.interpreter import use_interpreter
 from bench.report import results_dir
 from bench.timing import ON_CUDA, device_label
-from fused_gate.kernels.config import MAX_ROWS, MAX_WARPS, MIN_BLOCK_D, TileConfig, tile_config
-from fused_gate.kernels.gate_mix_bwd import plan_backward
-from fused_gate.kernels.gate_mix_fwd import plan_forward
-from fused_gate.kernels.launch import KernelLaunch
+
+# triton and the kernels are imported where they are used: the kernels, and triton.language's own
+# jit functions, are defined for the interpreter only if TRITON_INTERPRET is set first (main() does).
+if TYPE_CHECKING:
+    from fused_gate.kernels.config import TileConfig
+    from fused_gate.kernels.launch import KernelLaunch
 
 # Relative error (to the output's magnitude) beyond which a candidate is reported wrong: the rounding
 # of the output dtype, with margin.
@@ -48,6 +52,10 @@ DEFAULT_SHAPES = {
 
 def candidates(experts: int, dim: int, tasks: int, backward: bool) -> list[TileConfig]:
     """The heuristic's config first, then its neighbours in rows, warps and D chunk."""
+    import triton
+
+    from fused_gate.kernels.config import MAX_ROWS, MAX_WARPS, MIN_BLOCK_D, TileConfig, tile_config
+
     base = tile_config(experts, dim, tasks, backward)
     full_d = triton.next_power_of_2(dim)
     # A smaller D chunk than the heuristic's (walking D twice) trades L2 traffic for registers.
@@ -70,6 +78,8 @@ def time_launches(launches: list[KernelLaunch]) -> float:
             launch.launch()
 
     if ON_CUDA:
+        import triton.testing
+
         return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") / 1e3
     times = []
     for _ in range(3):
@@ -127,11 +137,15 @@ def sweep_shape(op: str, shape: Shape, dtype: str, device: str) -> list[dict]:
 
 
 def _forward_plan(h, q, scale, gate, config):
+    from fused_gate.kernels.gate_mix_fwd import plan_forward
+
     plan = plan_forward(h, q, None, scale, None, gate=gate, return_weights=False, config=config)
     return [plan.outputs[0]], list(plan.launches)
 
 
 def _backward_plan(grad_y, h, q, scale, gate, config):
+    from fused_gate.kernels.gate_mix_bwd import plan_backward
+
     plan = plan_backward(grad_y, None, h, q, None, scale, gate=gate, config=config)
     return list(plan.outputs), list(plan.launches)
 
@@ -150,7 +164,8 @@ def markdown(op: str, dtype: str, batch: int, records: list[dict], command: str)
     lines = [
         f"# Tuning sweep: {op} {dtype}, B = {batch}, {device_label()}",
         "",
-        f"torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}; `{command}`",
+        f"torch {torch.__version__}, triton {importlib.metadata.version('triton')}, {datetime.date.today()}; "
+        f"`{command}`",
         "",
         "Kernel launches only (outputs allocated beforehand). gain = heuristic time / best time.",
         "",
@@ -179,6 +194,7 @@ def _shape_arg(text: str) -> tuple[int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    use_interpreter()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", choices=("attention_mix", "softmax_mix"), default="attention_mix")

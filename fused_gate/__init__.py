@@ -18,15 +18,19 @@ from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
 from fused_gate.integrations import swap_in
 from fused_gate.layers import PLE, MMoE
 from fused_gate.ops import attention_mix, softmax_mix
+from fused_gate.options import ExpertOptions, GateOptions, TowerOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PLE",
     "AttentionMix",
+    "ExpertOptions",
+    "GateOptions",
     "InputQueryAttentionMix",
     "MMoE",
     "SoftmaxGate",
+    "TowerOptions",
     "attention_mix",
     "experts_mix",
     "export_as_reference",

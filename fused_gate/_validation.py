@@ -115,21 +115,21 @@ def validate_gate(gate: object) -> str:
     return gate
 
 
-def validate_activation(activation: object) -> str:
-    """``activation``, a name of :data:`fused_gate.activations.ACTIVATIONS`."""
+def validate_activation(activation: object, name: str = "activation") -> str:
+    """``activation``, a name of :data:`fused_gate.activations.ACTIVATIONS`; errors name it ``name``."""
     if not isinstance(activation, str):
-        raise TypeError(f"activation must be a name, one of {sorted(ACTIVATIONS)}, got {type(activation).__name__}")
+        raise TypeError(f"{name} must be a name, one of {sorted(ACTIVATIONS)}, got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"{name} must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return activation
 
 
-def validate_dropout(dropout: object) -> float:
-    """``dropout``, a probability in ``[0, 1)``, as a float."""
+def validate_dropout(dropout: object, name: str = "dropout") -> float:
+    """``dropout``, a probability in ``[0, 1)``, as a float; errors name it ``name``."""
     if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-        raise TypeError(f"dropout must be a probability in [0, 1), got {type(dropout).__name__}")
+        raise TypeError(f"{name} must be a probability in [0, 1), got {type(dropout).__name__}")
     if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
     return float(dropout)
 
 

@@ -12,6 +12,7 @@ gate logits, gate Linears without bias, multi-layer towers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -19,13 +20,10 @@ from torch import Tensor, nn
 
 from fused_gate._hooks import forward_hooked
 from fused_gate._validation import (
-    GATES,
     MAX_EXPERTS,
     MAX_TASKS,
     fits_one_kernel,
-    validate_activation,
     validate_count,
-    validate_dropout,
     validate_flag,
     validate_top_k,
     validate_widths,
@@ -33,10 +31,10 @@ from fused_gate._validation import (
 from fused_gate.dispatch import uses_kernels
 from fused_gate.experts import Experts, TaskTowers
 from fused_gate.gates import AttentionMix, InputQueryAttentionMix, SoftmaxGate
+from fused_gate.options import LAYER_GATES, ExpertOptions, GateOptions, TowerOptions, layer_options
 
-LAYER_GATES = (*GATES, "attention_input_query")
-"""The layers' gate kinds: the ops' two, and the attention gate whose per-task queries are computed from the
-input (:class:`~fused_gate.gates.InputQueryAttentionMix`)."""
+__all__ = ["LAYER_GATES", "PLE", "CGCLevel", "MMoE"]
+
 Gate = AttentionMix | InputQueryAttentionMix | SoftmaxGate
 
 SHARED_GATE_EXPERTS = ("all", "shared")
@@ -53,7 +51,8 @@ def _validate_shared_gate_experts(value: object, num_shared_experts: int, shared
 
 
 def _make_gate(
-    kind: str,
+    options: GateOptions,
+    experts: ExpertOptions,
     in_features: int,
     num_gates: int,
     num_experts: int,
@@ -61,75 +60,46 @@ def _make_gate(
     *,
     mask: Tensor | None,
     top_k: int | None,
-    gate_hidden: Sequence[int],
-    gate_bias: bool,
-    gate_batch_norm: bool,
-    activation: str,
-    dropout: float,
-    batch_norm: bool,
 ) -> Gate:
-    """The layer's gate module; the gate DNN shares the experts' activation, dropout and BatchNorm option."""
-    if kind not in LAYER_GATES:
-        raise ValueError(f"gate must be one of {LAYER_GATES}, got {kind!r}")
-    gate_hidden = validate_widths("gate_hidden", gate_hidden, allow_empty=True)
-    if kind == "attention":
-        if gate_hidden or not gate_bias or gate_batch_norm:
-            raise ValueError(
-                "gate_hidden, gate_bias and gate_batch_norm configure the softmax gate's logits; "
-                "the attention gate has none, use gate='softmax'"
-            )
+    """The layer's gate module; the softmax gate's DNN shares the experts' activation, dropout and BatchNorm."""
+    if options.gate == "attention":
         return AttentionMix(num_gates, expert_width, mask=mask, top_k=top_k)
-    if kind == "attention_input_query":
-        if gate_hidden or gate_batch_norm:
-            raise ValueError(
-                "gate_hidden and gate_batch_norm configure the softmax gate's logits; gate='attention_input_query' "
-                "has a query Linear per task (gate_bias is its bias)"
-            )
-        return InputQueryAttentionMix(in_features, num_gates, expert_width, mask=mask, top_k=top_k, bias=gate_bias)
+    if options.gate == "attention_input_query":
+        return InputQueryAttentionMix(
+            in_features, num_gates, expert_width, mask=mask, top_k=top_k, bias=options.gate_bias
+        )
     return SoftmaxGate(
         in_features,
         num_gates,
         num_experts,
         mask=mask,
         top_k=top_k,
-        bias=gate_bias,
-        hidden=gate_hidden,
-        activation=activation,
-        dropout=dropout,
-        hidden_batch_norm=batch_norm,
-        logits_batch_norm=gate_batch_norm,
+        bias=options.gate_bias,
+        hidden=options.gate_hidden,
+        activation=experts.activation,
+        dropout=experts.dropout,
+        hidden_batch_norm=experts.batch_norm,
+        logits_batch_norm=options.gate_batch_norm,
     )
 
 
-def _make_towers(
-    num_tasks: int,
-    in_features: int,
-    tower_hidden: int | Sequence[int] | None,
-    *,
-    activation: str,
-    dropout: float,
-    batch_norm: bool,
-    bias: bool,
-) -> TaskTowers | None:
-    if tower_hidden is None:
+def _or(value, default):
+    return default if value is None else value
+
+
+def _make_towers(options: TowerOptions, experts: ExpertOptions, num_tasks: int, in_features: int) -> TaskTowers | None:
+    """The layer's towers (None without ``tower_hidden``); an option left None is the experts'."""
+    if options.tower_hidden is None:
         return None
     return TaskTowers(
-        num_tasks, in_features, tower_hidden, activation=activation, dropout=dropout, batch_norm=batch_norm, bias=bias
+        num_tasks,
+        in_features,
+        options.tower_hidden,
+        activation=_or(options.tower_activation, experts.activation),
+        dropout=_or(options.tower_dropout, experts.dropout),
+        batch_norm=_or(options.tower_batch_norm, experts.batch_norm),
+        bias=options.tower_bias,
     )
-
-
-def _check_options(**options: object) -> None:
-    """The layers' options that take a bool (``None``: the default of a tower option), an activation name or a
-    dropout probability, each checked by its name."""
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name.endswith("activation"):
-            validate_activation(value)
-        elif name.endswith("dropout"):
-            validate_dropout(value)
-        else:
-            validate_flag(name, value)
 
 
 def _one_kernel_applies(experts: Experts, gate: Gate, x: Tensor) -> bool:
@@ -159,15 +129,16 @@ def _gate_mix(gate: Gate, experts: Experts, gate_input: Tensor, expert_input: Te
     return gate.mix(gate_input, experts(expert_input))
 
 
-def _or(value, default):
-    return default if value is None else value
-
-
 class MMoE(nn.Module):
     """Multi-gate mixture of experts (Ma et al., KDD 2018) with a fused gate.
 
     ``forward(x [B, in_features])`` returns the per-task mixed features ``[B, T, D]`` with
     ``D = expert_hidden[-1]``, or the towers' outputs ``[B, T]`` when ``tower_hidden`` is given.
+
+    The options of the experts, the gate and the towers come in three groups, each given either as its
+    frozen dataclass or as keywords named like its fields, ``MMoE(..., gate="softmax", dropout=0.1)`` or
+    ``MMoE(..., gate_options=GateOptions(gate="softmax"), expert_options=ExpertOptions(dropout=0.1))``
+    (the same module); each option once.
 
     Args:
         in_features: width of the input ``x``, which every expert and the gate (but ``"attention"``) read.
@@ -175,27 +146,16 @@ class MMoE(nn.Module):
         expert_hidden: the experts' widths (an int for one layer); the last one, D, is the width of
             each task's mix.
         num_tasks: T, the number of tasks (one gate each).
-        gate: ``"attention"`` (one learned query vector per task over the expert outputs:
-            :class:`~fused_gate.AttentionMix`), ``"softmax"`` (``softmax(W_t x)``, the paper's gate:
-            :class:`~fused_gate.SoftmaxGate`) or ``"attention_input_query"`` (attention over the expert
-            outputs with each task's query computed from the input, ``x W_t + b_t``:
-            :class:`~fused_gate.InputQueryAttentionMix`).
-        top_k: sparse gate, keep the ``top_k`` best experts per row and task (default: all E).
-        tower_hidden: add one MLP tower per task, ``D -> tower_hidden... -> 1`` (an int for one hidden
-            layer, ``()`` for a single Linear), giving ``[B, T]``.
-        activation: the activation of every hidden layer (experts, gate DNN, towers unless
-            ``tower_activation``): one of ``fused_gate.activations.ACTIVATIONS``.
-        dropout: dropout probability after every hidden layer's activation (experts, gate DNN, towers
-            unless ``tower_dropout``).
-        batch_norm: a BatchNorm after every hidden layer's Linear (experts, gate DNN, towers unless
-            ``tower_batch_norm``), one per expert / gate / tower.
-        gate_hidden: the softmax gate's DNN widths before its final Linear (default: none).
-        gate_bias: whether the softmax gate's final Linear (or ``"attention_input_query"``'s query Linear)
-            has a bias.
-        gate_batch_norm: a BatchNorm on the softmax gate's logits, before the softmax.
-        tower_activation, tower_dropout, tower_batch_norm: the towers' hidden layers' options (default:
-            the experts').
-        tower_bias: whether the towers' output Linear has a bias.
+        expert_options: :class:`~fused_gate.ExpertOptions`, or its keywords ``activation`` (default
+            ``"relu"``), ``dropout`` (0) and ``batch_norm`` (False): the experts' hidden layers', also the
+            softmax gate's DNN's and, by default, the towers'.
+        gate_options: :class:`~fused_gate.GateOptions`, or its keywords ``gate`` (``"attention"``,
+            ``"softmax"`` or ``"attention_input_query"``; default ``"attention"``), ``top_k`` (default: all
+            E), ``gate_hidden``, ``gate_bias`` and ``gate_batch_norm`` (the softmax gate's logits).
+        tower_options: :class:`~fused_gate.TowerOptions`, or its keywords ``tower_hidden`` (default None: no
+            towers), ``tower_activation``, ``tower_dropout``, ``tower_batch_norm`` (default: the experts')
+            and ``tower_bias``.
+        options: the keywords of the groups not given as a dataclass.
         fused_experts: in inference (``eval()`` under ``torch.no_grad()`` or ``torch.inference_mode()``,
             on the kernels' device), run the experts' last layer and the gate as one kernel,
             :func:`fused_gate.experts_mix`, which never writes the experts' outputs; it applies when that
@@ -207,7 +167,8 @@ class MMoE(nn.Module):
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or out of range, named in the message;
-            ``num_experts`` is at most 256 and ``num_tasks`` at most 16 (the kernels' limits).
+            ``num_experts`` is at most 256 and ``num_tasks`` at most 16 (the kernels' limits). A keyword
+            beside its group's dataclass, or a keyword of no group, is a ``TypeError`` naming it.
     """
 
     def __init__(
@@ -217,59 +178,29 @@ class MMoE(nn.Module):
         expert_hidden: int | Sequence[int],
         num_tasks: int,
         *,
-        gate: str = "attention",
-        top_k: int | None = None,
-        tower_hidden: int | Sequence[int] | None = None,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-        gate_hidden: Sequence[int] = (),
-        gate_bias: bool = True,
-        gate_batch_norm: bool = False,
-        tower_activation: str | None = None,
-        tower_dropout: float | None = None,
-        tower_batch_norm: bool | None = None,
-        tower_bias: bool = True,
+        expert_options: ExpertOptions | None = None,
+        gate_options: GateOptions | None = None,
+        tower_options: TowerOptions | None = None,
         fused_experts: bool = True,
+        **options: object,
     ) -> None:
         super().__init__()
         in_features = validate_count("in_features", in_features, 1)
         num_experts = validate_count("num_experts", num_experts, 1, MAX_EXPERTS)
         num_tasks = validate_count("num_tasks", num_tasks, 1, MAX_TASKS)
-        top_k = validate_top_k(top_k, num_experts)
-        _check_options(
-            batch_norm=batch_norm, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm, tower_bias=tower_bias,
-            tower_batch_norm=tower_batch_norm, fused_experts=fused_experts, tower_activation=tower_activation,
-            tower_dropout=tower_dropout,
-        )  # fmt: skip
+        expert_options, gate_options, tower_options = layer_options(
+            "MMoE", options, expert_options=expert_options, gate_options=gate_options, tower_options=tower_options
+        )
+        top_k = validate_top_k(gate_options.top_k, num_experts)
         self.num_experts, self.num_tasks = num_experts, num_tasks
-        self.fused_experts = fused_experts
-        options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
+        self.fused_experts = validate_flag("fused_experts", fused_experts)
         expert_hidden = validate_widths("expert_hidden", expert_hidden)
-        self.experts = Experts(in_features, num_experts, expert_hidden, **options)
+        self.experts = Experts(in_features, num_experts, expert_hidden, **dataclasses.asdict(expert_options))
         self.out_features = self.experts.out_features
         self.gate = _make_gate(
-            gate,
-            in_features,
-            num_tasks,
-            num_experts,
-            self.out_features,
-            mask=None,
-            top_k=top_k,
-            gate_hidden=gate_hidden,
-            gate_bias=gate_bias,
-            gate_batch_norm=gate_batch_norm,
-            **options,
+            gate_options, expert_options, in_features, num_tasks, num_experts, self.out_features, mask=None, top_k=top_k
         )
-        self.towers = _make_towers(
-            num_tasks,
-            self.out_features,
-            tower_hidden,
-            activation=_or(tower_activation, activation),
-            dropout=_or(tower_dropout, dropout),
-            batch_norm=_or(tower_batch_norm, batch_norm),
-            bias=tower_bias,
-        )
+        self.towers = _make_towers(tower_options, expert_options, num_tasks, self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the experts and the gates (and the towers) on ``x``, a ``[B, in_features]`` batch.
@@ -289,7 +220,8 @@ class CGCLevel(nn.Module):
     are ordered ``[S shared, task 0's K, ..., task T-1's K]``; gate g reads input g, and task t's gate may
     use the shared experts and its own (the gate mask). ``shared_gate_experts``: ``"all"`` (every expert,
     as in the PLE paper, torch-rechub and DeepCTR-Torch) or ``"shared"`` (the S shared experts only, as in
-    FuxiCTR). The expert and gate options are :class:`MMoE`'s.
+    FuxiCTR). ``expert_options`` and ``gate_options`` (or their keywords, ``options``) and ``fused_experts``
+    are :class:`MMoE`'s; ``shared_gate``: whether the level has the shared gate.
     """
 
     def __init__(
@@ -302,21 +234,19 @@ class CGCLevel(nn.Module):
         *,
         shared_gate: bool,
         shared_gate_experts: str = "all",
-        gate: str = "attention",
-        top_k: int | None = None,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-        gate_hidden: Sequence[int] = (),
-        gate_bias: bool = True,
-        gate_batch_norm: bool = False,
+        expert_options: ExpertOptions | None = None,
+        gate_options: GateOptions | None = None,
         fused_experts: bool = True,
+        **options: object,
     ) -> None:
         super().__init__()
+        expert_options, gate_options = layer_options(
+            "CGCLevel", options, expert_options=expert_options, gate_options=gate_options
+        )
         self.shared_gate_experts = _validate_shared_gate_experts(shared_gate_experts, num_shared_experts, shared_gate)
-        self.fused_experts = fused_experts
+        self.fused_experts = validate_flag("fused_experts", fused_experts)
         num_experts = num_shared_experts + num_tasks * num_task_experts
-        top_k = validate_top_k(top_k, num_experts)
+        top_k = validate_top_k(gate_options.top_k, num_experts)
         # Which input each expert reads: the shared input (index T) or its task's input.
         group = [num_tasks] * num_shared_experts + [t for t in range(num_tasks) for _ in range(num_task_experts)]
         self.register_buffer("group", torch.tensor(group), persistent=False)
@@ -326,21 +256,11 @@ class CGCLevel(nn.Module):
             mask[t] = (self.group == num_tasks) | (self.group == t)
         if shared_gate:
             mask[num_tasks] = True if shared_gate_experts == "all" else self.group == num_tasks
-        options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
         expert_hidden = validate_widths("expert_hidden", expert_hidden)
-        self.experts = Experts(in_features, num_experts, expert_hidden, **options)
+        self.experts = Experts(in_features, num_experts, expert_hidden, **dataclasses.asdict(expert_options))
+        width = self.experts.out_features
         self.gate = _make_gate(
-            gate,
-            in_features,
-            self.num_gates,
-            num_experts,
-            self.experts.out_features,
-            mask=mask,
-            top_k=top_k,
-            gate_hidden=gate_hidden,
-            gate_bias=gate_bias,
-            gate_batch_norm=gate_batch_norm,
-            **options,
+            gate_options, expert_options, in_features, self.num_gates, num_experts, width, mask=mask, top_k=top_k
         )
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -371,13 +291,11 @@ class PLE(nn.Module):
         num_levels: number of stacked CGC levels.
         shared_gate_experts: the experts a non-final level's shared gate mixes: ``"all"`` (the PLE paper's,
             torch-rechub's and DeepCTR-Torch's layout) or ``"shared"`` (only the shared experts, FuxiCTR's).
-        gate: ``"attention"``, ``"softmax"`` (``softmax(W_g x_g)`` on each gate's own input) or
-            ``"attention_input_query"`` (queries ``x_g W_g + b_g`` from each gate's own input), as in :class:`MMoE`.
-        top_k: sparse gates, keep the ``top_k`` best allowed experts per row and gate.
-        tower_hidden: add one MLP tower per task, as in :class:`MMoE`.
-        activation, dropout, batch_norm: as in :class:`MMoE`, for every level.
-        gate_hidden, gate_bias, gate_batch_norm: as in :class:`MMoE`, for every level.
-        tower_activation, tower_dropout, tower_batch_norm, tower_bias: as in :class:`MMoE`.
+        expert_options, gate_options: as in :class:`MMoE` (dataclasses or keywords), for every level. The
+            softmax gate reads each gate's own input, ``softmax(W_g x_g)``, and ``"attention_input_query"``
+            computes each gate's queries ``x_g W_g + b_g`` from it; ``top_k`` keeps the best allowed experts.
+        tower_options: as in :class:`MMoE`.
+        options: the keywords of the groups not given as a dataclass.
         fused_experts: as in :class:`MMoE`, for every level.
 
     Raises:
@@ -396,20 +314,11 @@ class PLE(nn.Module):
         *,
         num_levels: int = 1,
         shared_gate_experts: str = "all",
-        gate: str = "attention",
-        top_k: int | None = None,
-        tower_hidden: int | Sequence[int] | None = None,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-        gate_hidden: Sequence[int] = (),
-        gate_bias: bool = True,
-        gate_batch_norm: bool = False,
-        tower_activation: str | None = None,
-        tower_dropout: float | None = None,
-        tower_batch_norm: bool | None = None,
-        tower_bias: bool = True,
+        expert_options: ExpertOptions | None = None,
+        gate_options: GateOptions | None = None,
+        tower_options: TowerOptions | None = None,
         fused_experts: bool = True,
+        **options: object,
     ) -> None:
         super().__init__()
         in_features = validate_count("in_features", in_features, 1)
@@ -428,15 +337,10 @@ class PLE(nn.Module):
                 f"num_shared_experts + num_tasks * num_task_experts = {num_experts}: each level needs 1 to "
                 f"{MAX_EXPERTS} experts (the kernels' limit)"
             )
-        top_k = validate_top_k(top_k, num_experts)
-        _check_options(
-            batch_norm=batch_norm, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm, tower_bias=tower_bias,
-            tower_batch_norm=tower_batch_norm, fused_experts=fused_experts, tower_activation=tower_activation,
-            tower_dropout=tower_dropout,
-        )  # fmt: skip
+        expert_options, gate_options, tower_options = layer_options(
+            "PLE", options, expert_options=expert_options, gate_options=gate_options, tower_options=tower_options
+        )
         self.num_tasks = num_tasks
-        options = dict(activation=activation, dropout=dropout, batch_norm=batch_norm)
-        gate_options = dict(gate_hidden=gate_hidden, gate_bias=gate_bias, gate_batch_norm=gate_batch_norm)
         self.levels = nn.ModuleList()
         width = in_features
         for level in range(num_levels):
@@ -448,24 +352,14 @@ class PLE(nn.Module):
                 expert_hidden,
                 shared_gate=level < num_levels - 1,
                 shared_gate_experts=shared_gate_experts,
-                gate=gate,
-                top_k=top_k,
+                expert_options=expert_options,
+                gate_options=gate_options,
                 fused_experts=fused_experts,
-                **options,
-                **gate_options,
             )
             self.levels.append(cgc)
             width = cgc.experts.out_features
         self.out_features = width
-        self.towers = _make_towers(
-            num_tasks,
-            width,
-            tower_hidden,
-            activation=_or(tower_activation, activation),
-            dropout=_or(tower_dropout, dropout),
-            batch_norm=_or(tower_batch_norm, batch_norm),
-            bias=tower_bias,
-        )
+        self.towers = _make_towers(tower_options, expert_options, num_tasks, width)
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the experts and the gates (and the towers) on ``x``, a ``[B, in_features]`` batch.

@@ -81,7 +81,11 @@ def _weights_and_grads(s, dp, mask, gp, at, scale, MASK: tl.constexpr, HAS_GRAD_
     if HAS_GRAD_P:
         dp += load_gate_tile(gp, at)
     dp = tl.where(p != 0.0, dp, 0.0)
-    return p, p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
+    ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
+    # Rows past B load zeros, which an infinite context entry scores NaN (inf * 0): their ds must not
+    # reach a shared context's dC, the one sum over rows.
+    rows, B = at[0], at[4]
+    return p, tl.where((rows < B)[:, None, None], ds, 0.0)
 
 
 @triton.jit

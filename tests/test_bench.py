@@ -7,6 +7,7 @@ speed. The byte floors and the target logic of the report are checked on hand-ma
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,16 +86,52 @@ def test_results_folder_keeps_whole_words():
     assert results_dir("x" * 60, "2026-01-02", max_slug=30).name == "2026-01-02_" + "x" * 30
 
 
+IMPORT_EVERY_BENCH_MODULE = """
+import importlib, json, os, pkgutil, sys
+before = dict(os.environ)
+import bench
+names = ["bench"] + [f"bench.{module.name}" for module in pkgutil.iter_modules(bench.__path__)]
+changed = {}
+for name in names:
+    importlib.import_module(name)
+    changed[name] = sorted(k for k in os.environ.keys() | before.keys() if os.environ.get(k) != before.get(k))
+loaded = sorted(name for name in sys.modules if name.split(".")[0] == "triton" or name.startswith("fused_gate.kernels"))
+print(json.dumps({"modules": names, "changed": {k: v for k, v in changed.items() if v}, "loaded": loaded}))
+"""
+
+
+def test_importing_bench_changes_no_environment_and_imports_no_triton():
+    """Importing ``bench`` and each of its modules leaves ``os.environ`` as it was and imports neither triton
+    nor the kernels, so each command's ``main()`` (``bench/conftest.py`` for ``pytest bench``) still decides
+    how they run: ``TRITON_INTERPRET`` counts when ``triton.language`` and the kernels are defined."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERY_BENCH_MODULE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout)
+    assert {"bench.conftest", "bench.traffic", "bench.tune", "bench.swap_in_step"} <= set(found["modules"])
+    assert found["changed"] == {}, f"importing these changed the environment: {found['changed']}"
+    assert found["loaded"] == [], f"importing bench imported {found['loaded']}"
+
+
 @pytest.mark.slow
 def test_bench_suite_runs_and_reports(tmp_path):
     """``python -m bench.run`` (the command of docs/benchmarks.md) times every case and writes the report.
 
-    Without a GPU the child inherits ``TRITON_INTERPRET=1`` from conftest, so the kernels run interpreted.
+    It starts from an environment without ``TRITON_INTERPRET``, as a fresh shell does: without a GPU
+    ``bench/conftest.py`` sets it, so the kernels run interpreted.
     """
     args = ["--out", str(tmp_path), "--grid", "smoke", "--dtypes", "fp32"]
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", *args],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
         capture_output=True,
         text=True,
         timeout=900,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.occupancy import resident
+from bench.occupancy import fingerprint, resident
 
 from .aot import ci_cases, experts_mix_cases
 
@@ -82,3 +82,26 @@ def test_h100_occupancy_model_on_hand_numbers():
     assert resident(64, 8, 40 * 1024) == (4, "registers")
     assert resident(32, 1, 0) == (32, "programs")
     assert resident(32, 4, 100 * 1024) == (2, "shared")
+
+
+OCCUPANCY = ROOT / "bench" / "results" / "occupancy"
+REGENERATE = "regenerate it with `python -m bench.occupancy` (an sm_90 compile, no GPU) and commit the result"
+
+
+def test_occupancy_table_is_current():
+    """The committed occupancy table records the fingerprint of the sources and grid it was computed from
+    (``bench.occupancy.fingerprint``); a change there makes it stale. Checked without compiling."""
+    recorded = json.loads((OCCUPANCY / "occupancy_h100.json").read_text())["fingerprint"]
+    assert recorded == fingerprint(), f"bench/results/occupancy/ was computed from other sources: {REGENERATE}"
+    assert f"sources fingerprint `{recorded}`" in (OCCUPANCY / "occupancy_h100.md").read_text(), REGENERATE
+
+
+def test_benchmarks_page_shows_the_occupancy_summary():
+    """docs/benchmarks.md copies the table's summary (its first Markdown table)."""
+    lines = (OCCUPANCY / "occupancy_h100.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| op |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    summary = "\n".join(lines[start:end])
+    assert summary in (ROOT / "docs" / "benchmarks.md").read_text(), (
+        f"docs/benchmarks.md's occupancy summary differs from bench/results/occupancy/occupancy_h100.md's:\n{summary}"
+    )

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import fused_gate.dispatch
-from bench.swap_models import MODELS, import_offline, training_step
 from fused_gate.integrations._convert import FusedMultiTask
 
 from .conftest import assert_matches
+from .library_models import MODELS, import_offline, training_step
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(library) is None for library in ("torch_rechub", "deepctr_torch")),
@@ -40,7 +40,7 @@ def deepctr_library_default(class_name: str):
     import_offline("deepctr_torch")
     from deepctr_torch.models import multitask
 
-    from bench.swap_models import _deepctr_features, _deepctr_inputs
+    from .library_models import _deepctr_features, _deepctr_inputs
 
     model = getattr(multitask, class_name)(_deepctr_features(), seed=0)
     return model, _deepctr_inputs(16, 0)
@@ -160,7 +160,7 @@ def test_converted_layer_is_the_fused_layer_with_towers():
 
 def _rechub(**changes):
     models = import_offline("torch_rechub.models.multi_task")
-    from bench.swap_models import _rechub_features
+    from .library_models import _rechub_features
 
     params = dict(expert_params={"dims": [8]}, tower_params_list=[{"dims": [4]}] * 2) | changes
     return models.MMOE(_rechub_features(), ["classification", "regression"], n_expert=3, **params)
@@ -170,7 +170,7 @@ def _deepctr(class_name, **changes):
     import_offline("deepctr_torch")
     from deepctr_torch.models import multitask
 
-    from bench.swap_models import _deepctr_features
+    from .library_models import _deepctr_features
 
     return getattr(multitask, class_name)(_deepctr_features(), **changes)
 

@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 import fused_gate as fg
 import fused_gate.dispatch
-from bench.swap_models import MODELS
 from fused_gate.layers import LAYER_GATES
 
 from .conftest import assert_matches
+from .library_models import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (6, 9)  # exported at the first; the package and the program run at both
@@ -50,7 +50,7 @@ PACKAGED = (
     "special_values",
 )
 # The swapped library models and their mode; their dropout is turned off so that training mode is deterministic.
-# find_spec, not an import: importing deepctr_torch outside bench.swap_models.import_offline would query PyPI.
+# find_spec, not an import: importing deepctr_torch outside library_models.import_offline would query PyPI.
 LIBRARIES = all(importlib.util.find_spec(library) for library in ("torch_rechub", "deepctr_torch"))
 SWAPPED = {"rechub_mmoe": False, "rechub_ple": True, "deepctr_mmoe": True, "deepctr_ple": False} if LIBRARIES else {}
 

@@ -209,6 +209,18 @@ def test_overflowing_attention_scores(path, device):
     assert y[1:].isfinite().all()
 
 
+def test_infinite_context_leaves_a_shared_gradient_finite(path, device):
+    """An infinite context entry against zero expert outputs scores NaN (inf * 0); when every row of the
+    batch has that task's experts masked or at -inf, dC stays finite, also past the last row of a tile."""
+    h = torch.tensor([-1.0, 0.0, 0.0, 0.0], device=device).repeat(2).reshape(2, 2, 2)
+    context = torch.zeros(3, 2, device=device)
+    context[1, 0] = INF  # task 1 scores expert 0 at -inf, expert 1 (masked) at NaN
+    mask = torch.zeros(3, 2, dtype=torch.bool, device=device)
+    mask[1, 0] = True
+    _, _, (_, dc) = assert_same("attention_mix", [h, context], torch.randn(2, 3, 2), scale=1.0, mask=mask)
+    assert (dc == 0).all()
+
+
 def test_plus_inf_logit_gives_nan_row(path, device):
     logits = torch.randn(2, 1, 3, device=device)
     logits[0, 0, 1] = INF

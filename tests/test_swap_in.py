@@ -24,12 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gate
 import fused_gate.dispatch
-from bench.swap_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
 from fused_gate.integrations import _gates
 from fused_gate.kernels import gate_mix_bwd, gate_mix_fwd
 from fused_gate.op_names import SCHEMA_VERSION
 
 from .conftest import assert_matches
+from .library_models import MODELS, VERSION_CHECK_CALLS, import_offline, inputs_to, training_step
 
 # find_spec, not an import: importing deepctr_torch outside import_offline would query PyPI.
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,5 @@
-"""torch-rechub and DeepCTR-Torch MMOE / PLE on synthetic features, for the swap-in tests and timing.
+"""torch-rechub and DeepCTR-Torch MMOE / PLE on synthetic features, for the swap-in and converter tests,
+and for ``bench.swap_in_step`` / ``bench.convert_step``, which time the same models.
 
 Every builder returns ``(model, inputs)`` with peaked gates (scaled gate weights, so a wrong softmax shows),
 dropout in the experts and towers, BatchNorm with non-trivial running statistics, and inputs of
