@@ -2,7 +2,7 @@
 
     TRITON_INTERPRET=0 python -m bench.convert_step [--batch 256,1024,8192] [--modes train,infer] [--hidden 64,32]
 
-The step (forward, a weighted sum of the outputs, backward, SGD update, in train mode), inference (eval
+The step (forward, a weighted mean of the outputs, backward, SGD update, in train mode), inference (eval
 mode, ``torch.no_grad()``), the models and the interleaved rounds are those of ``bench.swap_in_step``;
 ``--hidden`` takes the experts' widths, comma-separated. The converted model evaluates each level's
 experts as one batched matmul per layer, its gates and towers likewise, and mixes with

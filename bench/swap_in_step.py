@@ -2,8 +2,10 @@
 
     TRITON_INTERPRET=0 python -m bench.swap_in_step [--batch 256,1024,8192] [--modes train,infer] [--threads N]
 
-A training step is forward, a weighted sum of the outputs, backward and an SGD update, in train mode
-(dropout and BatchNorm active); inference is a forward in eval mode under ``torch.no_grad()``. PLE has 2
+A training step is forward, a weighted mean of the outputs, backward and an SGD update, in train mode
+(dropout and BatchNorm active; a mean, not a sum, so that the rounds' few hundred steps leave the weights
+near where they started, and inference, timed after them, meets no values where ``exp`` leaves its
+vectorized loop); inference is a forward in eval mode under ``torch.no_grad()``. PLE has 2
 levels of ``--experts`` experts each (2 shared, the rest split over the tasks). Each model is timed
 against its swapped copy in interleaved rounds (``bench.interleaved``): the table gives the median time
 of each and the median per-round ratio ``original / swapped`` with its quartiles, so load from other
@@ -44,7 +46,7 @@ def _step_fn(model: torch.nn.Module, inputs) -> Callable[[], None]:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        (model(inputs) * weights).sum().backward()
+        (model(inputs) * weights).mean().backward()
         optimizer.step()
 
     return step

@@ -286,6 +286,7 @@ FAST_PATH_CASES = {
     "mask": (_scores_case(mask=PARTIAL_MASK), False, False),
     "top-k": (_scores_case(top_k=2), False, False),
     "-inf logit": (_scores_case(_set(("z", 1, 0, 3), -INF)), False, False),
+    "weights below float32's range, masked": (_scores_case(lambda z, h: z.mul_(300), mask=PARTIAL_MASK), False, False),
     "fully masked task": (_scores_case(mask=[[False] * 5, *PARTIAL_MASK[1:]]), True, False),
     "all -inf row": (_scores_case(_set(("z", 2, 1, slice(None)), -INF)), True, False),
     "NaN logit": (_scores_case(_set(("z", 0, 2, 1), NAN)), True, True),

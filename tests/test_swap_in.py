@@ -196,6 +196,13 @@ def test_gate_layouts_follow_the_module_device():
     assert layout.mask.sum().item() == sum(len(g) for g in layout.gate_experts)
 
 
+def test_a_masked_layout_refuses_stacked_logits():
+    """Stacked ``[B, G, E]`` logits are for a layout without a mask; a CGC layout needs each gate's own columns."""
+    layout = _gates.cgc_layout(2, 1, 1, shared_gate=True)
+    with pytest.raises(ValueError, match="gate_logits: a layout with a mask"):
+        layout.mix(torch.zeros(4, 3, 3), torch.zeros(4, 3, 2))
+
+
 def test_submodules_of_a_bigger_model_from_both_libraries(device):
     rechub, _, _, rechub_inputs = build("rechub_ple", device)
     deepctr, _, _, deepctr_inputs = build("deepctr_mmoe", device)
@@ -351,6 +358,27 @@ def test_hooks_on_the_gates_fire_as_in_the_original(name, gate_path, device):
         with recorded:
             swapped(inputs)
     assert recorded.counts[f"fused_gate::softmax_mix_v{SCHEMA_VERSION}"] == MODELS[name][2]
+
+
+@pytest.mark.parametrize("case", ["one matmul", "hooked", "gate DNN"])
+def test_deepctr_mmoe_gate_logits(case, device):
+    """The DeepCTR-Torch MMOE twin computes its gates' logits in one matmul, the same values as the T Linears;
+    a hook on one of those Linears (here one that changes its output), or a gate DNN, makes it call them."""
+    model, swapped, _, inputs = build("deepctr_mmoe", device, gate_hidden=(5,) if case == "gate DNN" else ())
+    calls = Counter()
+    for m in (model, swapped):
+        if case == "hooked":
+            m.gate_dnn_final_layer[1].register_forward_hook(
+                lambda mod, args, out, m=m: calls.update([id(m)]) or 2 * out
+            )
+    assert_same_step(model, swapped, inputs, case)
+    assert calls[id(model)] == calls[id(swapped)] == (case == "hooked")
+    dnn_input = torch.randn(4, model.input_dim, device=device)
+    logits = swapped._gate_logits(dnn_input)
+    if case == "one matmul":
+        assert torch.equal(logits, torch.stack([f(dnn_input) for f in model.gate_dnn_final_layer], 1))
+    else:
+        assert isinstance(logits, list) and len(logits) == model.num_tasks
 
 
 @pytest.mark.parametrize("name", ["deepctr_mmoe", "deepctr_ple", "rechub_mmoe"])

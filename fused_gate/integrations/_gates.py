@@ -56,22 +56,28 @@ class GateLayout:
         """The same layout with its tensors on ``device`` (built anew, so a meta or empty copy never leaks)."""
         return GateLayout(self.gate_experts, self.num_experts, device)
 
-    def mix(self, gate_logits: Sequence[Tensor], experts: Sequence[Tensor]) -> list[Tensor]:
+    def mix(self, gate_logits: Sequence[Tensor] | Tensor, experts: Tensor) -> list[Tensor]:
         """``softmax_g(logits) . experts`` for every gate at once.
 
         Args:
-            gate_logits: G tensors ``[B, len(gate_experts[g])]``, the logits before the softmax.
-            experts: E tensors ``[B, D]``, the level's expert outputs.
+            gate_logits: G tensors ``[B, len(gate_experts[g])]``, the logits before the softmax; or, for a
+                layout without a mask (every gate scores every expert in order), one ``[B, G, E]`` tensor.
+            experts: ``[B, E, D]``, the level's expert outputs stacked along dim 1. The caller stacks them as
+                they are computed, so that their list is freed before the mix allocates (a CPU forward that
+                holds it writes the mix's temporaries to memory that is not in the cache yet).
 
         Returns:
-            G tensors ``[B, D]``: ``y_g = sum_i softmax(z_g)[i] * experts[gate_experts[g][i]]``.
+            G tensors ``[B, D]``: ``y_g = sum_i softmax(z_g)[i] * experts[:, gate_experts[g][i]]``.
         """
-        if self.index is None:
+        if isinstance(gate_logits, Tensor):
+            if self.index is not None:
+                raise ValueError("gate_logits: a layout with a mask takes one [B, n_g] tensor per gate")
+            logits = gate_logits
+        elif self.index is None:
             logits = torch.stack(list(gate_logits), dim=1)
         else:
             logits = torch.cat(list(gate_logits), dim=1)[:, self.index]
-        mixed = softmax_mix(logits, torch.stack(list(experts), dim=1), mask=self.mask)
-        return list(mixed.unbind(1))
+        return list(softmax_mix(logits, experts, mask=self.mask).unbind(1))
 
     def __repr__(self) -> str:
         return f"GateLayout(gate_experts={self.gate_experts}, num_experts={self.num_experts})"

@@ -4,8 +4,9 @@ layers: ``to_fused(model)``.
 A DeepCTR-Torch gate is an optional DNN, then a Linear without bias (the logits), then
 ``softmax(1)`` and a matmul with the stacked experts. The twins keep the gate's own layers up to the
 logits and replace the softmax and the per-gate matmuls by one :func:`fused_gate.softmax_mix` call per
-level. Every random draw (dropout in the experts, gate DNNs and towers) happens in the library's order,
-so a seeded training step matches the original.
+level. The MMOE twin without a gate DNN computes its gates' final Linears as one matmul (the same values)
+unless a hook is registered on one of them. Every random draw (dropout in the experts, gate DNNs and
+towers) happens in the library's order, so a seeded training step matches the original.
 
 The library's PLE also computes a shared gate on its last level and discards it. The twin skips its
 logits and mix; in training it still runs that gate's DNN, because the library's DNN draws dropout
@@ -23,8 +24,10 @@ from deepctr_torch.models.basemodel import BaseModel
 from deepctr_torch.models.multitask.mmoe import MMOE
 from deepctr_torch.models.multitask.ple import PLE
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fused_gate import layers
+from fused_gate._hooks import forward_hooked
 from fused_gate.integrations._convert import (
     Dense,
     FusedMultiTask,
@@ -49,19 +52,25 @@ class FusedMMOE(FusedTwin, MMOE):
     def layouts(cls, module: MMOE) -> dict[str, GateLayout]:
         return {"gates": GateLayout([range(module.num_experts)] * module.num_tasks, module.num_experts)}
 
-    def _gate_logits(self, task: int, dnn_input: Tensor) -> Tensor:
+    def _gate_logits(self, dnn_input: Tensor) -> Tensor | list[Tensor]:
+        """The T gates' logits: ``[B, T, E]`` from one matmul when the gates are their final Linears alone
+        (no gate DNN, plain ``nn.Linear``, no hook to see each call), else one ``[B, E]`` per task."""
+        finals = list(self.gate_dnn_final_layer)
         if len(self.gate_dnn_hidden_units) > 0:
-            dnn_input = self.gate_dnn[task](dnn_input)
-        return self.gate_dnn_final_layer[task](dnn_input)
+            return [final(gate_dnn(dnn_input)) for gate_dnn, final in zip(self.gate_dnn, finals, strict=True)]
+        if any(type(final) is not nn.Linear for final in finals) or forward_hooked(*finals):
+            return [final(dnn_input) for final in finals]
+        weight = torch.cat([final.weight for final in finals])
+        bias = None if finals[0].bias is None else torch.cat([final.bias for final in finals])
+        return F.linear(dnn_input, weight, bias).unflatten(1, (self.num_tasks, self.num_experts))
 
     def forward(self, X):
         sparse_embedding_list, dense_value_list = self.input_from_feature_columns(
             X, self.dnn_feature_columns, self.embedding_dict
         )
         dnn_input = combined_dnn_input(sparse_embedding_list, dense_value_list)
-        expert_outs = [expert(dnn_input) for expert in self.expert_dnn]
-        logits = [self._gate_logits(task, dnn_input) for task in range(self.num_tasks)]
-        mmoe_outs = self.gate_layouts["gates"].mix(logits, expert_outs)
+        expert_outs = torch.stack([expert(dnn_input) for expert in self.expert_dnn], 1)
+        mmoe_outs = self.gate_layouts["gates"].mix(self._gate_logits(dnn_input), expert_outs)
         task_outs = []
         for task in range(self.num_tasks):
             tower_input = mmoe_outs[task]
@@ -107,6 +116,7 @@ class FusedPLE(FusedTwin, PLE):
         tasks, per_task = self.num_tasks, self.specific_expert_num
         expert_outs = [self.specific_experts[level_num][t][k](inputs[t]) for t in range(tasks) for k in range(per_task)]
         expert_outs += [self.shared_experts[level_num][0][s](inputs[-1]) for s in range(self.shared_expert_num)]
+        expert_outs = torch.stack(expert_outs, 1)
         logits = [self._specific_gate_logits(level_num, t, inputs[t]) for t in range(tasks)]
         if level_num < self.num_levels - 1:
             logits.append(self._shared_gate_logits(level_num, inputs[-1]))

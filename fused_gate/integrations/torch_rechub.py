@@ -88,7 +88,7 @@ class FusedMMOE(FusedTwin, MMOE):
         if _gates_hooked(list(self.gates)):
             return MMOE.forward(self, x)
         embed_x = self.embedding(x, self.features, squeeze_dim=True)
-        expert_outs = [expert(embed_x) for expert in self.experts]
+        expert_outs = torch.stack([expert(embed_x) for expert in self.experts], 1)
         logits = [_gate_logits(gate, embed_x) for gate in self.gates]
         pooled = self.gate_layouts["gates"].mix(logits, expert_outs)
         ys = [
@@ -126,6 +126,7 @@ class FusedCGC(FusedTwin, CGC):
             self.experts_specific[t * per_task + k](x_list[t]) for t in range(self.n_task) for k in range(per_task)
         ]
         expert_outs += [expert(x_list[-1]) for expert in self.experts_shared]
+        expert_outs = torch.stack(expert_outs, 1)
         logits = [_gate_logits(gate, x_list[t]) for t, gate in enumerate(self.gates_specific)]
         if self.cur_level < self.n_level:
             logits.append(_gate_logits(self.gate_shared, x_list[-1]))
