@@ -24,11 +24,6 @@ the Markdown printed too.
 
 from __future__ import annotations
 
-import os
-
-# The layers take the kernels' path on CPU tensors only with the interpreter; set before the kernels load.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import argparse
 import datetime
 import json
@@ -43,12 +38,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import fused_gate as fg
 from bench.cases import DTYPES
+from bench.interpreter import use_interpreter
 from bench.memory_traffic import count_op_floors, count_traffic
 from bench.report import results_dir
 from bench.timing import device_label
+from fused_gate._validation import GATES
 from fused_gate.apps.arguments import comma_list, integer
-from fused_gate.kernels import INTERPRETED
-from fused_gate.layers import GATES
 
 LAYERS = ("mmoe", "ple")
 PATHS = {"fused": True, "two-step": False}
@@ -177,6 +172,10 @@ def markdown(results: list[StepMemory], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    # The layers take the kernels' path on CPU tensors only with the interpreter, set before the kernels load.
+    use_interpreter(on_gpu=True)
+    from fused_gate.kernels import INTERPRETED
+
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.training_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=integer(1), default=65536, help="B of the table (default 65536)")
