@@ -179,6 +179,97 @@ def _accumulate_column(x, e, value, accumulate, at):
 
 
 @triton.jit
+def _attention_delta(
+    y, g, gp, dp, weights, layer, at, K, LAYER: tl.constexpr, HAS_GRAD_P: tl.constexpr, SINGLE_CHUNK: tl.constexpr
+):
+    """Stage 1 of the attention gate: ``delta[rows, t] = sum_e p[:, t, e] dp[:, t, e]`` as ``[ROWS, BLOCK_T]``,
+    from which each expert's ``ds`` follows in stage 2. With one chunk (``SINGLE_CHUNK``),
+    ``delta = <G, Y> (+ sum_e p Gp)`` from the forward's ``Y``; with D in chunks, ``dp = <G, H>`` is first
+    summed over every chunk into the float32 ``[B, T, E]`` scratch ``dp`` (each expert's ``H`` recomputed)."""
+    if SINGLE_CHUNK:
+        delta = _mix_dots(y, g, at)
+        if HAS_GRAD_P:
+            delta += _weighted_grads(weights, dp, gp, at, False, True)
+    else:
+        _, _, _, offs_d, _, _, E, D = at
+        for d0 in range(0, D, offs_d.shape[0]):
+            col = tl.cast(d0, tl.int64)
+            chunk_at = chunk(at, d0)
+            for e in range(0, E):
+                h = expert_chunk(layer, e, col, chunk_at, K, LAYER)
+                _accumulate_column(dp, e, _task_dots(h, column(g, col), chunk_at), d0 > 0, chunk_at)
+        tl.debug_barrier()  # every chunk's sum is in the scratch before it is read
+        delta = _weighted_grads(weights, dp, gp, at, True, HAS_GRAD_P)
+    return delta
+
+
+@triton.jit
+def _expert_chunk_backward(
+    e, d0, delta, dc_rows, dc_acc, dc, layer, weights, dp, gp, g, cz, dpre, at, K, scale,
+    GATE: tl.constexpr,
+    PER_ROW_CONTEXT: tl.constexpr,
+    HAS_GRAD_P: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+    LAYER: tl.constexpr,
+):  # fmt: skip
+    """Stage 2 for expert ``e`` and the D chunk at column ``d0`` (``at``): ``pre`` and ``H`` recomputed
+    (``[ROWS, BLOCK_D]``), ``dH`` and ``dpre[rows, e, chunk] = dH * act'(pre)`` stored. Returns the ``dC``
+    accumulators with the attention gate's ``scale * ds[:, :, e] H`` added, ``ds = p (dp - delta)``
+    (``[ROWS, BLOCK_T]``): ``dc_rows [ROWS, BLOCK_T, BLOCK_D]`` (per-row context), ``dc_acc`` (the program's
+    ``[BLOCK_T, BLOCK_D]`` partial, one chunk) or ``dc`` (the chunk's, summed over the rows); the softmax
+    gate instead sums ``dp = <G, H>`` over the chunks in the scratch ``dp``."""
+    _, ACTIVATION, _, _, _ = LAYER
+    col = tl.cast(d0, tl.int64)
+    g_chunk = column(g, col)
+    pre = expert_preactivation(layer, e, col, at, K, LAYER)
+    h = expert_output(pre, layer, at, LAYER)
+    # One expert's weights at a time, from memory (L1): no [ROWS, BLOCK_T, BLOCK_E] tile stays live.
+    p_e = _load_expert_column(weights, e, at)
+    ds_e = p_e  # the softmax gate's dH reads no ds
+    if GATE == "attention":
+        # With D in chunks, stage 1 left dp in the scratch; with one chunk it comes from this H.
+        dp_e = _task_dots(h, g_chunk, at) if SINGLE_CHUNK else _load_expert_column(dp, e, at)
+        if HAS_GRAD_P:
+            dp_e += _load_expert_column(gp, e, at)
+        ds_e = p_e * (tl.where(p_e != 0.0, dp_e, 0.0) - delta)
+        hf = finite_or_zero(h)  # exact: see finite_or_zero
+        if PER_ROW_CONTEXT:
+            dc_rows += ds_e[:, :, None] * hf[:, None, :]
+        elif SINGLE_CHUNK:
+            dc_acc = _add_row_sums(dc_acc, scale * ds_e, hf, at)
+        else:
+            dc = _add_row_sums(dc, scale * ds_e, hf, at)
+    else:
+        _accumulate_column(dp, e, _task_dots(h, g_chunk, at), d0 > 0, at)
+    dh = _expert_grad(p_e, ds_e, g_chunk, column(cz, col), at, scale, GATE, PER_ROW_CONTEXT)
+    _store_expert_rows(output_column(dpre, col), activation_grad(dh, pre, h, ACTIVATION), e, at)
+    return dc_rows, dc_acc, dc
+
+
+@triton.jit
+def _add_to_slot(ws, dc, first_block, at):
+    """``slot[t, chunk] += dc[t]`` (``dc [BLOCK_T, BLOCK_D]``) in this program's float32 ``[T, D]`` workspace
+    slot, ``ws`` its pointer at the chunk's first column and its task pitch. The slot belongs to this program
+    alone: read-add-write without atomics. The program's first block initialises it, so the workspace needs
+    no memset launch."""
+    _, offs_t, _, offs_d, _, T, _, D = at
+    ptrs = ws[0] + offs_t[:, None].to(tl.int64) * ws[1] + offs_d[None, :]
+    ok = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+    tl.store(ptrs, tl.load(ptrs, mask=ok & ~first_block, other=0.0) + dc, mask=ok)
+
+
+@triton.jit
+def _softmax_logit_grads(dz, weights, dp, gp, at, scale, HAS_GRAD_P: tl.constexpr):
+    """The softmax gate's ``dZ[rows] = scale * p * (dp - sum_e p dp)`` (``[ROWS, BLOCK_T, BLOCK_E]``), ``dp`` the
+    scratch's ``<G, H>`` (``+ Gp``), taken as 0 where ``p = 0``."""
+    tl.debug_barrier()  # the scratch is read in another layout than it was written in
+    dp_all = load_gate_tile(dp, at)
+    if HAS_GRAD_P:
+        dp_all += load_gate_tile(gp, at)
+    store_gate_tile(dz, scale * score_grads(load_gate_tile(weights, at), dp_all), at)
+
+
+@triton.jit
 def experts_mix_bwd_kernel(
     x_ptr, stride_xb, stride_xe, stride_xk,
     w_ptr, stride_we, stride_wk, stride_wd,
@@ -193,20 +284,11 @@ def experts_mix_bwd_kernel(
     dp_ptr, stride_dpb, stride_dpt, stride_dpe,
     ws_ptr,
     B, E, K, D, scale,
-    GATE: tl.constexpr,
-    PER_ROW_CONTEXT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DOT_IN_FLOAT32: tl.constexpr,
-    HAS_GRAD_P: tl.constexpr,
-    NUM_TASKS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
+    GATE: tl.constexpr, PER_ROW_CONTEXT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
+    HAS_GRAD_P: tl.constexpr, NUM_TASKS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """See the module docstring. ``x``, ``w``, ``b`` and ``cz`` are the forward's operands (as in
     ``experts_mix_two_pass_kernel``), ``p`` its float32 weights and ``y`` its mix (read with
@@ -234,81 +316,36 @@ def experts_mix_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dc_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     ws_slot = ws_ptr + pid.to(tl.int64) * NUM_TASKS * D  # this program's [T, D] float32 slot
-    chunks_end = BLOCK_D if SINGLE_CHUNK else D  # one chunk loop trip when the tile spans D
-    # The attention gate reads each expert's dp from the scratch when D is in chunks (else from its own H).
-    DP_IN_SCRATCH: tl.constexpr = GATE == "attention" and not SINGLE_CHUNK
 
     for block in range(pid, tl.cdiv(B, ROWS), tl.num_programs(0)):
         rows = tl.arange(0, ROWS).to(tl.int64) + tl.cast(block, tl.int64) * ROWS
         at = (rows, offs_t, offs_e, offs_d, B, NUM_TASKS, E, D)
 
-        # stage 1 (attention gate): delta = sum_e p dp, from which each expert's ds follows in stage 2. With one
-        # chunk, delta = <G, Y> (+ sum_e p Gp); with D in chunks, dp = <G, H> over every chunk first (the scratch).
+        # stage 1 (attention gate): delta = sum_e p dp, from which each expert's ds follows in stage 2
         delta = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
         if GATE == "attention":
-            if SINGLE_CHUNK:
-                delta = _mix_dots((y_ptr, stride_yb, stride_yt, stride_yd), g, at)
-                if HAS_GRAD_P:
-                    delta += _weighted_grads(weights, dp, gp, at, False, True)
-            else:
-                for d0 in range(0, D, BLOCK_D):
-                    col = tl.cast(d0, tl.int64)
-                    chunk_at = chunk(at, d0)
-                    for e in range(0, E):
-                        h = expert_chunk(layer, e, col, chunk_at, K, LAYER)
-                        _accumulate_column(dp, e, _task_dots(h, column(g, col), chunk_at), d0 > 0, chunk_at)
-                tl.debug_barrier()  # every chunk's sum is in the scratch before it is read
-                delta = _weighted_grads(weights, dp, gp, at, True, HAS_GRAD_P)
+            y = (y_ptr, stride_yb, stride_yt, stride_yd)
+            delta = _attention_delta(y, g, gp, dp, weights, layer, at, K, LAYER, HAS_GRAD_P, SINGLE_CHUNK)
 
         # stage 2: per D chunk and expert, pre and H recomputed; dH and dpre; dC accumulated over the experts
-        first_block = block == pid
-        for d0 in range(0, chunks_end, BLOCK_D):
-            col = tl.cast(d0, tl.int64)
+        for d0 in range(0, BLOCK_D if SINGLE_CHUNK else D, BLOCK_D):  # one trip when the tile spans D
             chunk_at = chunk(at, d0)
-            g_chunk = column(g, col)
             dc_rows = tl.zeros([ROWS, BLOCK_T, BLOCK_D], dtype=tl.float32)  # a per-row dC's chunk
-            dc = tl.zeros(
-                [BLOCK_T, BLOCK_D], dtype=tl.float32
-            )  # a shared dC's chunk (of several), summed over the rows
+            dc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # a shared dC's chunk (of several), over the rows
             for e in range(0, E):
-                pre = expert_preactivation(layer, e, col, chunk_at, K, LAYER)
-                h = expert_output(pre, layer, chunk_at, LAYER)
-                # One expert's weights at a time, from memory (L1): no [ROWS, BLOCK_T, BLOCK_E] tile stays live.
-                p_e = _load_expert_column(weights, e, chunk_at)
-                ds_e = p_e  # the softmax gate's dH reads no ds
-                if GATE == "attention":
-                    dp_e = _load_expert_column(dp, e, chunk_at) if DP_IN_SCRATCH else _task_dots(h, g_chunk, chunk_at)
-                    if HAS_GRAD_P:
-                        dp_e += _load_expert_column(gp, e, chunk_at)
-                    ds_e = p_e * (tl.where(p_e != 0.0, dp_e, 0.0) - delta)
-                    hf = finite_or_zero(h)  # exact: see finite_or_zero
-                    if PER_ROW_CONTEXT:
-                        dc_rows += ds_e[:, :, None] * hf[:, None, :]
-                    elif SINGLE_CHUNK:
-                        dc_acc = _add_row_sums(dc_acc, scale * ds_e, hf, chunk_at)
-                    else:
-                        dc = _add_row_sums(dc, scale * ds_e, hf, chunk_at)
-                else:
-                    _accumulate_column(dp, e, _task_dots(h, g_chunk, chunk_at), d0 > 0, chunk_at)
-                dh = _expert_grad(p_e, ds_e, g_chunk, column(cz, col), chunk_at, scale, GATE, PER_ROW_CONTEXT)
-                _store_expert_rows(output_column(dpre, col), activation_grad(dh, pre, h, ACTIVATION), e, chunk_at)
+                dc_rows, dc_acc, dc = _expert_chunk_backward(
+                    e, d0, delta, dc_rows, dc_acc, dc, layer, weights, dp, gp, g, cz, dpre, chunk_at, K, scale,
+                    GATE, PER_ROW_CONTEXT, HAS_GRAD_P, SINGLE_CHUNK, LAYER,
+                )  # fmt: skip
             if GATE == "attention":
                 if PER_ROW_CONTEXT:
-                    store_mix_tile(output_column(dcz, col), scale * dc_rows, chunk_at)
+                    store_mix_tile(output_column(dcz, tl.cast(d0, tl.int64)), scale * dc_rows, chunk_at)
                 elif not SINGLE_CHUNK:
-                    # The slot belongs to this program alone: read-add-write without atomics. The
-                    # program's first block initialises it, so the workspace needs no memset launch.
-                    ws = ws_slot + col + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
-                    ok = (offs_t[:, None] < NUM_TASKS) & (offs_d[None, :] < D - d0)
-                    tl.store(ws, tl.load(ws, mask=ok & ~first_block, other=0.0) + dc, mask=ok)
+                    _add_to_slot((ws_slot + tl.cast(d0, tl.int64), D), dc, block == pid, chunk_at)
 
         # epilogue of the block: the softmax gate's dZ = scale * ds from dp = <G, H> (+ Gp)
         if GATE != "attention":
-            tl.debug_barrier()  # the scratch is read in another layout than it was written in
-            dp_all = load_gate_tile(dp, at)
-            if HAS_GRAD_P:
-                dp_all += load_gate_tile(gp, at)
-            store_gate_tile(dcz, scale * score_grads(load_gate_tile(weights, at), dp_all), at)
+            _softmax_logit_grads(dcz, weights, dp, gp, at, scale, HAS_GRAD_P)
 
     # epilogue: flush the register-held dC partial into this program's slot
     if GATE == "attention" and not PER_ROW_CONTEXT and SINGLE_CHUNK:
