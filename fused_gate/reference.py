@@ -299,6 +299,13 @@ def _higher_order_grads(ctx, recompute) -> tuple[Tensor, ...]:
     return grads
 
 
+def _save_for_both_modes(ctx, *tensors: Tensor | None) -> None:
+    """Save the same tensors for the backward and for forward mode: ``generate_vmap_rule`` keeps one record of
+    batch dimensions for both, so different lists would break a vmapped forward's backward."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
 def _grad_or_zeros(grad_y: Tensor | None, p: Tensor, h: Tensor) -> Tensor:
     """``dL/dY``, zeros when only ``p`` was used (the functions do not materialize unused gradients)."""
     return p.new_zeros((*p.shape[:2], h.shape[-1])) if grad_y is None else grad_y
@@ -409,9 +416,7 @@ class _AttentionMix(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         h, context, scale, mask, top_k, first_order = inputs
         _, p = output
-        # the same tensors for both modes: vmap's generated rule keeps one batch-dimension record for them
-        ctx.save_for_backward(h, context, mask, p)
-        ctx.save_for_forward(h, context, mask, p)
+        _save_for_both_modes(ctx, h, context, mask, p)
         ctx.scale, ctx.top_k, ctx.first_order = scale, top_k, first_order
         ctx.set_materialize_grads(False)
 
@@ -570,8 +575,7 @@ class _SoftmaxMix(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, h, temperature, mask, top_k, first_order = inputs
         _, p = output
-        ctx.save_for_backward(logits, h, mask, p)
-        ctx.save_for_forward(logits, h, mask, p)  # as in _AttentionMix: one record of batch dimensions
+        _save_for_both_modes(ctx, logits, h, mask, p)
         ctx.temperature, ctx.top_k, ctx.first_order = temperature, top_k, first_order
         ctx.set_materialize_grads(False)
 
